@@ -1,0 +1,487 @@
+"""The signed manifest of a format-1 bundle: typed, frozen, valid by construction.
+
+Constructing any class here checks it, so code holding a ``Manifest`` never re-checks.
+``Manifest.from_bytes`` is the only way untrusted JSON becomes objects, and it is only
+ever called on bytes whose signature already checked out (see ``verify.py``). It
+rejects unknown fields, duplicate keys and any byte sequence that is not exactly the
+canonical serialisation, so there is one byte form per manifest: the one that was
+signed. Not for: reading tars (``_tar.py``) or checking signatures (``sshsig.py``).
+The JSON Schema ``schemas/manifest.schema.json`` says the same; a test keeps them equal.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import unicodedata
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+from applier.errors import ManifestError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.json.sig"
+GIT_BUNDLE_NAME = "git/history.bundle"
+BLOB_PREFIX = "blobs/"
+
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}")
+_BUNDLE_ID = re.compile(r"[0-9]{1,19}-[0-9a-f]{12}")
+_MODE = re.compile(r"[0-7]{4}")
+_REF = re.compile(r"refs/[A-Za-z0-9._/-]{1,200}")
+
+MAX_FILE_SIZE = 1 << 40
+MAX_COMMAND_TIMEOUT = 86_400
+DriftPolicy = Literal["revert", "report", "ignore"]
+DRIFT_POLICIES: tuple[DriftPolicy, ...] = ("revert", "report", "ignore")
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one serialisation that is signed and stored: sorted keys, no spaces, UTF-8."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+# -- small field checkers -----------------------------------------------------------------
+
+
+def _fail(where: str, what: str) -> ManifestError:
+    return ManifestError(f"manifest {where}: {what}")
+
+
+def _obj(value: Any, where: str, required: set[str], optional: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(where, "must be an object")
+    missing = required - value.keys()
+    if missing:
+        raise _fail(where, f"missing field {sorted(missing)[0]!r}")
+    unknown = value.keys() - required - optional
+    if unknown:
+        raise _fail(where, f"unknown field {sorted(unknown)[0]!r}")
+    return value
+
+
+def _str(value: Any, where: str, pattern: re.Pattern[str] | None = None, limit: int = 4096) -> str:
+    if not isinstance(value, str):
+        raise _fail(where, "must be a string")
+    if len(value) > limit:
+        raise _fail(where, f"longer than {limit} characters")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise _fail(where, f"invalid value {value[:80]!r}")
+    return value
+
+
+def _int(value: Any, where: str, low: int, high: int) -> int:
+    # bool is an int subclass in Python; JSON true must not pass as 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(where, "must be an integer")
+    if not low <= value <= high:
+        raise _fail(where, f"{value} is outside {low}..{high}")
+    return value
+
+
+def check_target_path(path: str, where: str = "path") -> str:
+    """An absolute, normalised POSIX path naming a file (not ``/``), safe to join to a root."""
+    _str(path, where, limit=4096)
+    if not path.startswith("/") or path.startswith("//"):
+        raise _fail(where, f"{path!r} is not an absolute path")
+    if path == "/" or path.endswith("/"):
+        raise _fail(where, f"{path!r} does not name a file")
+    if posixpath.normpath(path) != path or "/./" in path or "/../" in path or path.endswith(
+        ("/.", "/..")
+    ):
+        raise _fail(where, f"{path!r} is not normalised")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        raise _fail(where, f"{path!r} contains a control character")
+    if unicodedata.normalize("NFC", path) != path:
+        raise _fail(where, f"{path!r} is not in Unicode NFC form")
+    if any(len(part.encode()) > 255 for part in path.split("/")):
+        raise _fail(where, f"{path!r} has a component longer than 255 bytes")
+    return path
+
+
+# -- the model --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command the applier runs: split with shlex (never a shell), with limits."""
+
+    run: str
+    timeout: int = 60
+    retries: int = 0
+    delay: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.run.strip() or "\x00" in self.run:
+            raise _fail("command", "run must be a non-empty string")
+        _int(self.timeout, "command timeout", 1, MAX_COMMAND_TIMEOUT)
+        _int(self.retries, "command retries", 0, 100)
+        _int(self.delay, "command delay", 0, 3600)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Command:
+        d = _obj(d, where, {"run", "timeout", "retries", "delay"}, set())
+        return cls(
+            run=_str(d["run"], f"{where}.run"),
+            timeout=_int(d["timeout"], f"{where}.timeout", 1, MAX_COMMAND_TIMEOUT),
+            retries=_int(d["retries"], f"{where}.retries", 0, 100),
+            delay=_int(d["delay"], f"{where}.delay", 0, 3600),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "timeout": self.timeout, "retries": self.retries,
+                "delay": self.delay}
+
+
+def _commands(value: Any, where: str) -> tuple[Command, ...]:
+    if not isinstance(value, list):
+        raise _fail(where, "must be a list")
+    return tuple(Command.from_dict(c, f"{where}[{i}]") for i, c in enumerate(value))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One managed file of one host: where it goes, what it holds, who owns it."""
+
+    path: str
+    sha256: str
+    size: int
+    mode: int = 0o644
+    owner: str = "root"
+    group: str = "root"
+    validate: tuple[Command, ...] = ()
+    check: tuple[Command, ...] = ()
+    on_change: tuple[Command, ...] = ()
+    health: tuple[Command, ...] = ()
+    drift: DriftPolicy = "revert"
+
+    def __post_init__(self) -> None:
+        check_target_path(self.path)
+        _str(self.sha256, f"{self.path} sha256", _HEX64)
+        _int(self.size, f"{self.path} size", 0, MAX_FILE_SIZE)
+        _int(self.mode, f"{self.path} mode", 0, 0o7777)
+        _str(self.owner, f"{self.path} owner", _ACCOUNT)
+        _str(self.group, f"{self.path} group", _ACCOUNT)
+        if self.drift not in DRIFT_POLICIES:
+            raise _fail(f"{self.path} drift", f"must be one of {', '.join(DRIFT_POLICIES)}")
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> FileEntry:
+        d = _obj(
+            d,
+            where,
+            {"path", "sha256", "size", "mode", "owner", "group", "validate", "check",
+             "on_change", "health", "drift"},
+            set(),
+        )
+        mode = _str(d["mode"], f"{where}.mode", _MODE)
+        drift = _str(d["drift"], f"{where}.drift")
+        if drift not in DRIFT_POLICIES:
+            raise _fail(f"{where}.drift", f"must be one of {', '.join(DRIFT_POLICIES)}")
+        return cls(
+            path=check_target_path(d["path"], f"{where}.path"),
+            sha256=_str(d["sha256"], f"{where}.sha256", _HEX64),
+            size=_int(d["size"], f"{where}.size", 0, MAX_FILE_SIZE),
+            mode=int(mode, 8),
+            owner=_str(d["owner"], f"{where}.owner", _ACCOUNT),
+            group=_str(d["group"], f"{where}.group", _ACCOUNT),
+            validate=_commands(d["validate"], f"{where}.validate"),
+            check=_commands(d["check"], f"{where}.check"),
+            on_change=_commands(d["on_change"], f"{where}.on_change"),
+            health=_commands(d["health"], f"{where}.health"),
+            drift=cast(DriftPolicy, drift),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "size": self.size,
+            "mode": f"{self.mode:04o}",
+            "owner": self.owner,
+            "group": self.group,
+            "validate": [c.to_dict() for c in self.validate],
+            "check": [c.to_dict() for c in self.check],
+            "on_change": [c.to_dict() for c in self.on_change],
+            "health": [c.to_dict() for c in self.health],
+            "drift": self.drift,
+        }
+
+    @property
+    def special_mode_bits(self) -> int:
+        """setuid/setgid/sticky bits, which a host policy may refuse."""
+        return self.mode & 0o7000
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """Everything one host takes from the bundle: its files, sorted by path."""
+
+    files: tuple[FileEntry, ...]
+
+    def __post_init__(self) -> None:
+        paths = [f.path for f in self.files]
+        if paths != sorted(paths):
+            raise _fail("host files", "must be sorted by path")
+        seen: set[str] = set()
+        for p in paths:
+            if p in seen:
+                raise _fail("host files", f"duplicate path {p!r}")
+            seen.add(p)
+        # A path cannot be both a file and the directory of another file.
+        for p in paths:
+            parent = posixpath.dirname(p)
+            while parent != "/":
+                if parent in seen:
+                    raise _fail("host files", f"{parent!r} is both a file and a directory")
+                parent = posixpath.dirname(parent)
+
+    def by_path(self) -> dict[str, FileEntry]:
+        return {f.path: f for f in self.files}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the bundle came from: one commit of one repo."""
+
+    repo: str
+    commit: str
+    tree: str
+    branch: str | None
+    author: str
+    subject: str
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        _str(self.repo, "source.repo", limit=512)
+        _str(self.commit, "source.commit", _HEX40)
+        _str(self.tree, "source.tree", _HEX40)
+        if self.branch is not None:
+            _str(self.branch, "source.branch", limit=512)
+        _str(self.author, "source.author", limit=512)
+        _str(self.subject, "source.subject", limit=1024)
+        _str(self.path, "source.path", limit=1024)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Source:
+        d = _obj(d, "source", {"repo", "commit", "tree", "branch", "author", "subject", "path"},
+                 set())
+        return cls(
+            repo=d["repo"], commit=d["commit"], tree=d["tree"], branch=d["branch"],
+            author=d["author"], subject=d["subject"], path=d["path"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repo": self.repo, "commit": self.commit, "tree": self.tree,
+                "branch": self.branch, "author": self.author, "subject": self.subject,
+                "path": self.path}
+
+
+@dataclass(frozen=True)
+class GitInfo:
+    """The ``git/history.bundle`` member: its digest, size and the refs it carries."""
+
+    sha256: str
+    size: int
+    tips: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        _str(self.sha256, "git.sha256", _HEX64)
+        _int(self.size, "git.size", 1, MAX_FILE_SIZE)
+        if not self.tips:
+            raise _fail("git.tips", "must name at least one ref")
+        for ref, commit in self.tips.items():
+            _str(ref, "git.tips", _REF)
+            _str(commit, f"git.tips[{ref}]", _HEX40)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> GitInfo:
+        d = _obj(d, "git", {"sha256", "size", "tips"}, set())
+        if not isinstance(d["tips"], dict):
+            raise _fail("git.tips", "must be an object")
+        return cls(sha256=d["sha256"], size=d["size"], tips=dict(d["tips"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size, "tips": dict(self.tips)}
+
+
+@dataclass(frozen=True)
+class TrustUpdate:
+    """A new trust root carried by a bundle (key rotation / revocation, TUF-style).
+
+    The host adopts it only if the manifest is signed by a threshold of the keys it
+    trusts now *and* a threshold of the keys in the new set.
+    """
+
+    allowed_signers: str
+    threshold: int = 1
+    reset_sequence: bool = False
+
+    def __post_init__(self) -> None:
+        _str(self.allowed_signers, "trust.allowed_signers", limit=1 << 20)
+        _int(self.threshold, "trust.threshold", 1, 100)
+        if not isinstance(self.reset_sequence, bool):
+            raise _fail("trust.reset_sequence", "must be a boolean")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TrustUpdate:
+        d = _obj(d, "trust", {"allowed_signers", "threshold", "reset_sequence"}, set())
+        return cls(d["allowed_signers"], d["threshold"], d["reset_sequence"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"allowed_signers": self.allowed_signers, "threshold": self.threshold,
+                "reset_sequence": self.reset_sequence}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The whole signed statement: which commit, which files for which host."""
+
+    bundle_id: str
+    sequence: int
+    created: int
+    source: Source
+    builder: str
+    hosts: Mapping[str, HostEntry]
+    git: GitInfo
+    expires: int | None = None
+    trust: TrustUpdate | None = None
+    format: int = FORMAT_VERSION
+    _blob_sizes: dict[str, int] = field(default_factory=dict, init=False, repr=False,
+                                        compare=False)
+
+    def __post_init__(self) -> None:
+        if self.format != FORMAT_VERSION:
+            raise _fail("format", f"unsupported format version {self.format!r}")
+        _str(self.bundle_id, "bundle_id", _BUNDLE_ID)
+        _int(self.sequence, "sequence", 1, (1 << 63) - 1)
+        _int(self.created, "created", 0, (1 << 40))
+        if self.expires is not None:
+            _int(self.expires, "expires", 0, (1 << 40))
+            if self.expires <= self.created:
+                raise _fail("expires", "must be after created")
+        _str(self.builder, "builder", limit=256)
+        if not self.hosts:
+            raise _fail("hosts", "must name at least one host")
+        for name in self.hosts:
+            _str(name, "hosts", _HOST)
+        if list(self.hosts) != sorted(self.hosts):
+            object.__setattr__(self, "hosts", dict(sorted(self.hosts.items())))
+        sizes: dict[str, int] = {}
+        for host in self.hosts.values():
+            for f in host.files:
+                if sizes.setdefault(f.sha256, f.size) != f.size:
+                    raise _fail(f.path, f"blob {f.sha256} has two different sizes")
+        object.__setattr__(self, "_blob_sizes", dict(sorted(sizes.items())))
+
+    # -- derived views -------------------------------------------------------------
+
+    @property
+    def blobs(self) -> Mapping[str, int]:
+        """Every content blob (SHA-256 -> size), sorted, as the tar must carry them."""
+        return self._blob_sizes
+
+    def members(self) -> Iterator[tuple[str, str, int]]:
+        """(name, sha256, size) of every payload member after the signature, in order."""
+        for digest, size in self._blob_sizes.items():
+            yield BLOB_PREFIX + digest, digest, size
+        yield GIT_BUNDLE_NAME, self.git.sha256, self.git.size
+
+    @property
+    def payload_size(self) -> int:
+        return sum(self._blob_sizes.values()) + self.git.size
+
+    # -- (de)serialisation -------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "bundle_id": self.bundle_id,
+            "sequence": self.sequence,
+            "created": self.created,
+            "expires": self.expires,
+            "source": self.source.to_dict(),
+            "builder": self.builder,
+            "hosts": {name: {"files": [f.to_dict() for f in h.files]}
+                      for name, h in self.hosts.items()},
+            "git": self.git.to_dict(),
+            "trust": None if self.trust is None else self.trust.to_dict(),
+        }
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Manifest:
+        d = _obj(d, "", {"format", "bundle_id", "sequence", "created", "expires", "source",
+                         "builder", "hosts", "git", "trust"}, set())
+        # The format version is checked first so a future format fails with that reason.
+        fmt = _int(d["format"], "format", 0, 1 << 31)
+        if fmt != FORMAT_VERSION:
+            raise _fail("format", f"unsupported format version {fmt}")
+        hosts_in = d["hosts"]
+        if not isinstance(hosts_in, dict):
+            raise _fail("hosts", "must be an object")
+        hosts: dict[str, HostEntry] = {}
+        for name, h in hosts_in.items():
+            _str(name, "hosts", _HOST)
+            h = _obj(h, f"hosts.{name}", {"files"}, set())
+            if not isinstance(h["files"], list):
+                raise _fail(f"hosts.{name}.files", "must be a list")
+            hosts[name] = HostEntry(tuple(
+                FileEntry.from_dict(f, f"hosts.{name}.files[{i}]")
+                for i, f in enumerate(h["files"])
+            ))
+        expires = d["expires"]
+        return cls(
+            format=fmt,
+            bundle_id=_str(d["bundle_id"], "bundle_id", _BUNDLE_ID),
+            sequence=_int(d["sequence"], "sequence", 1, (1 << 63) - 1),
+            created=_int(d["created"], "created", 0, 1 << 40),
+            expires=None if expires is None else _int(expires, "expires", 0, 1 << 40),
+            source=Source.from_dict(d["source"]),
+            builder=_str(d["builder"], "builder", limit=256),
+            hosts=hosts,
+            git=GitInfo.from_dict(d["git"]),
+            trust=None if d["trust"] is None else TrustUpdate.from_dict(d["trust"]),
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse signed manifest bytes; anything but the canonical form is rejected."""
+
+        def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for k, v in pairs:
+                if k in out:
+                    raise _fail("", f"duplicate key {k!r}")
+                out[k] = v
+            return out
+
+        try:
+            raw = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates,
+                             parse_float=_reject_float, parse_constant=_reject_float)
+        except ManifestError:
+            raise
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ManifestError(f"manifest.json is not valid JSON: {e}") from e
+        manifest = cls.from_dict(raw)
+        if manifest.to_bytes() != data:
+            raise ManifestError("manifest.json is not in canonical form")
+        return manifest
+
+
+def _reject_float(value: str) -> Any:
+    raise ManifestError(f"manifest: non-integer number {value[:40]!r}")
+
+
+def make_bundle_id(sequence: int, commit: str) -> str:
+    """The readable bundle id: ``<sequence>-<first 12 hex of the commit>``."""
+    return f"{sequence}-{commit[:12]}"
