@@ -17,7 +17,7 @@ import re
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from applier.errors import ManifestError
 
@@ -196,7 +196,7 @@ class FileEntry:
             check=_commands(d["check"], f"{where}.check"),
             on_change=_commands(d["on_change"], f"{where}.on_change"),
             health=_commands(d["health"], f"{where}.health"),
-            drift=cast(DriftPolicy, drift),
+            drift=drift,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -430,9 +430,9 @@ class Manifest:
         if not isinstance(hosts_in, dict):
             raise _fail("hosts", "must be an object")
         hosts: dict[str, HostEntry] = {}
-        for name, h in hosts_in.items():
+        for name, raw_host in hosts_in.items():
             _str(name, "hosts", _HOST)
-            h = _obj(h, f"hosts.{name}", {"files"}, set())
+            h = _obj(raw_host, f"hosts.{name}", {"files"}, set())
             if not isinstance(h["files"], list):
                 raise _fail(f"hosts.{name}.files", "must be a list")
             hosts[name] = HostEntry(tuple(

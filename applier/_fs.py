@@ -1,0 +1,144 @@
+"""Filesystem primitives every writer uses: atomic replace, fsync, streamed hashing.
+
+One helper per concern so that durability rules live in one place: a file is made
+durable by temp file in the same directory, write, fsync, ``os.replace``, fsync of the
+directory; the temp is removed on failure. Not for: deciding *what* to write (see
+``transaction.py``) or resolving targets under a root (see ``paths.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from applier import _faults
+from applier.errors import HostIOError
+
+CHUNK = 1 << 20
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a directory's entries (creates, renames, unlinks) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def io_error(e: OSError, what: str) -> HostIOError:
+    """Turn an OSError into the one-line error the CLI prints, naming the path."""
+    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return HostIOError(f"{what}: {reason}")
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644,
+                 fault: str = "atomic-write") -> None:
+    """Replace ``path`` with ``data`` so a crash leaves either the old or the new bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _faults.point(f"{fault}:written")
+        os.replace(tmp, path)
+        _faults.point(f"{fault}:renamed")
+        fsync_dir(path.parent)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise io_error(e, f"cannot write {path}") from e
+
+
+def append_line(path: str | os.PathLike[str], line: bytes) -> None:
+    """Append one record durably (the audit log is append-only, never rewritten)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o640)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise io_error(e, f"cannot append to {path}") from e
+
+
+def hash_stream(f: BinaryIO, limit: int | None = None) -> tuple[str, int]:
+    """SHA-256 and length of a stream, reading in chunks (never the whole file)."""
+    h = hashlib.sha256()
+    n = 0
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
+        n += len(chunk)
+        if limit is not None and n > limit:
+            break
+    return h.hexdigest(), n
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """SHA-256 and size of a regular file, refusing to follow a final symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        return hash_stream(f)
+
+
+def open_exclusive(path: str | os.PathLike[str], mode: int = 0o600) -> BinaryIO:
+    """Create a new file for writing; never reuse or follow anything already there."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    return os.fdopen(fd, "wb")
+
+
+def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], mode: int) -> None:
+    """Copy ``src`` to a new file ``dst`` (exclusive create), in kernel where possible."""
+    with open(src, "rb") as fin, open_exclusive(dst, mode) as fout:
+        size = os.fstat(fin.fileno()).st_size
+        copied = 0
+        try:
+            while copied < size:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - copied)
+                if n == 0:
+                    break
+                copied += n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+        if copied < size:
+            fin.seek(copied)
+            fout.seek(copied)
+            while chunk := fin.read(CHUNK):
+                fout.write(chunk)
+
+
+def iter_chunks(f: BinaryIO, size: int) -> Iterator[bytes]:
+    """Exactly ``size`` bytes from ``f`` in chunks; short reads are the caller's problem."""
+    left = size
+    while left > 0:
+        chunk = f.read(min(CHUNK, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
+
+
+def remove_quietly(path: str | os.PathLike[str]) -> bool:
+    """Unlink a file if it is there; True if something was removed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True

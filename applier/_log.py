@@ -1,0 +1,49 @@
+"""Logging for both command-line tools: one line per event on stderr.
+
+Under systemd (``JOURNAL_STREAM`` is set), each line starts with the syslog priority
+prefix (``<3>`` for errors...) that journald understands, so ``journalctl -u
+gitops-apply -p warning`` filters correctly. Not for: program output (stdout, --json).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, prog: str, journald: bool) -> None:
+        super().__init__()
+        self.prog = prog
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage().replace("\n", " ")
+        if self.journald:
+            return f"<{_PRIORITY.get(record.levelno, 6)}>{message}"
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"{self.prog}: {level}{message}"
+
+
+def under_systemd() -> bool:
+    return "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ
+
+
+def setup(prog: str, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(prog, under_systemd()))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def error_line(prog: str, message: str) -> str:
+    """The one line a failed command prints."""
+    text = " ".join(message.split())
+    if under_systemd():
+        return f"<3>{text}"
+    return f"{prog}: error: {text}"

@@ -1,0 +1,181 @@
+"""The strict tar subset that format-1 bundles use: reading it from hostile input, writing it.
+
+Python's ``tarfile`` understands far more than a bundle needs (GNU and PAX extensions,
+sparse files, links, long names), and several of its extraction filters were bypassed
+after the Python on many hosts was released. So the reader here parses POSIX ustar
+headers itself and accepts only what the builder writes: regular files, short ASCII
+names, no PAX/GNU headers, no links or devices, no setuid/setgid/sticky bits, and
+nothing but zero padding after the end-of-archive marker. Everything is streamed: a
+member's data is yielded in chunks and never held whole.
+
+Not for: deciding which names are allowed (``bundle.py`` checks them against the
+signed manifest) or decompression (``bundle.py``).
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from applier.errors import FormatError, SizeLimitError, UnsafeMemberError
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # what tar(1) and Python pad archives to
+_TYPE_NAMES = {
+    b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
+    b"4": "a block device", b"5": "a directory", b"6": "a FIFO", b"7": "a contiguous file",
+    b"x": "a PAX extended header", b"g": "a PAX global header", b"L": "a GNU long name",
+    b"K": "a GNU long link name", b"S": "a GNU sparse file", b"V": "a GNU volume header",
+    b"M": "a GNU multi-volume file",
+}
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fields of one regular-file member that a bundle reader may rely on."""
+
+    name: str
+    size: int
+    mode: int
+    offset: int  # byte offset of the header in the decompressed stream, for messages
+
+
+def _octal(field: bytes, what: str, offset: int) -> int:
+    text = field.rstrip(b"\0 ").lstrip(b" ")
+    if not text:
+        return 0
+    if not all(0x30 <= c <= 0x37 for c in text):
+        # Includes GNU base-256 numbers (high bit set): not part of the accepted subset.
+        raise FormatError(f"tar header at byte {offset}: {what} is not an octal number")
+    return int(text, 8)
+
+
+class TarReader:
+    """Reads members one by one from a decompressed stream, with a hard byte budget."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self._f = stream
+        self._pos = 0
+        self.limit = limit
+        self._pending = 0  # unread data + padding of the current member
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def _read(self, n: int) -> bytes:
+        if self._pos + n > self.limit:
+            raise SizeLimitError(
+                f"bundle expands past {self.limit} bytes at byte {self._pos}: "
+                "refusing a stream larger than its signed manifest declares"
+            )
+        out = bytearray()
+        while len(out) < n:
+            chunk = self._f.read(n - len(out))
+            if not chunk:
+                raise FormatError(f"bundle is truncated at byte {self._pos + len(out)}")
+            out += chunk
+        self._pos += n
+        return bytes(out)
+
+    def next_header(self) -> Header | None:
+        """The next member's header, or None at a valid end-of-archive."""
+        if self._pending:
+            raise FormatError("internal: previous member not fully read")
+        offset = self._pos
+        block = self._read(BLOCK)
+        if block == bytes(BLOCK):
+            if self._read(BLOCK) != bytes(BLOCK):
+                raise FormatError(f"tar end marker at byte {offset} is not two zero blocks")
+            return None
+        return self._parse(block, offset)
+
+    def _parse(self, block: bytes, offset: int) -> Header:
+        stored = _octal(block[148:156], "checksum", offset)
+        computed = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+        if stored != computed:
+            raise FormatError(f"tar header at byte {offset} has a bad checksum")
+        if block[257:265] != b"ustar\x0000":
+            raise FormatError(f"tar header at byte {offset} is not POSIX ustar")
+        typeflag = block[156:157]
+        raw_name = block[0:100].split(b"\0", 1)[0]
+        prefix = block[345:500].split(b"\0", 1)[0]
+        full = prefix + b"/" + raw_name if prefix else raw_name
+        try:
+            name = full.decode("ascii")
+        except UnicodeDecodeError:
+            raise UnsafeMemberError(
+                f"tar member at byte {offset} has a non-ASCII name {full[:100]!r}"
+            ) from None
+        if typeflag not in (b"0", b"\0"):
+            what = _TYPE_NAMES.get(typeflag, f"of unknown type {typeflag!r}")
+            raise UnsafeMemberError(f"tar member {name!r} is {what}: only regular files allowed")
+        if block[157:257].strip(b"\0"):
+            raise UnsafeMemberError(f"tar member {name!r} carries a link target")
+        if any(c < 0x21 or c > 0x7E for c in full):
+            raise UnsafeMemberError(f"tar member {name!r} has a control or space character")
+        mode = _octal(block[100:108], "mode", offset)
+        if mode & 0o7000:
+            raise UnsafeMemberError(
+                f"tar member {name!r} has setuid/setgid/sticky mode {mode:o}"
+            )
+        size = _octal(block[124:136], "size", offset)
+        return Header(name=name, size=size, mode=mode, offset=offset)
+
+    def data(self, header: Header, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """The member's bytes in chunks, then its padding is consumed and checked."""
+        left = header.size
+        pad = -header.size % BLOCK
+        self._pending = left + pad
+        while left:
+            piece = self._read(min(chunk, left))
+            left -= len(piece)
+            self._pending -= len(piece)
+            yield piece
+        if pad:
+            self._read(pad)
+        self._pending = 0
+
+    def finish(self) -> None:
+        """After the end marker: only zero padding (at most one record) up to EOF."""
+        slack = 0
+        while True:
+            chunk = self._f.read(BLOCK)
+            if not chunk:
+                return
+            slack += len(chunk)
+            if chunk.count(0) != len(chunk):
+                raise FormatError(f"trailing data after the tar end at byte {self._pos}")
+            if slack > RECORD:
+                raise FormatError(f"more than {RECORD} bytes of padding after the tar end")
+            self._pos += len(chunk)
+
+
+def header_bytes(name: str, size: int, mtime: int) -> bytes:
+    """A deterministic ustar header: mode 0644, uid/gid 0, no user/group names."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = mtime
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
+
+
+def padding(size: int) -> bytes:
+    return bytes(-size % BLOCK)
+
+
+def end_of_archive(total_written: int) -> bytes:
+    """Two zero blocks, then zero padding up to a whole record, as tar(1) writes."""
+    end = total_written + 2 * BLOCK
+    return bytes(2 * BLOCK + (-end % RECORD))
+
+
+def expected_length(sizes: list[int], start: int = 0) -> int:
+    """The exact decompressed length of members of these sizes written from ``start`` on."""
+    body = start + sum(BLOCK + size + (-size % BLOCK) for size in sizes) + 2 * BLOCK
+    return body + (-body % RECORD)

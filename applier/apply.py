@@ -1,0 +1,411 @@
+"""The host's operations: init, verify, apply, rollback, recover, status, history.
+
+This is where the pieces meet, in the order DESIGN.md fixes: lock -> recover any
+unfinished transaction -> verify (signature, then every member while it streams into
+private staging) -> policy -> plan -> transaction (prepare, validate, swap, check,
+on_change, health) -> commit (retain the bundle, ``current.json``) -> prune -> audit.
+Any failure before the swap leaves the host as it was; any failure after it rolls
+the transaction back. Not for: printing (cli.py) or the format (bundle.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from applier import _fs, commands, policy
+from applier.bundle import BlobSink, SinkFactory, read_bundle
+from applier.config import HostConfig
+from applier.errors import (
+    CommandError,
+    HealthCheckError,
+    HostConfigError,
+    HostIOError,
+    NoRollbackTargetError,
+    StateError,
+    ValidationFailedError,
+)
+from applier.lock import locked
+from applier.manifest import BLOB_PREFIX, Command, HostEntry, Manifest
+from applier.paths import HostLayout, resolve_target
+from applier.plan import Plan, make_plan
+from applier.sshsig import AllowedSigners, VerifiedSigner
+from applier.state import Current, State
+from applier.transaction import Transaction, new_txid, recover
+from applier.verify import TrustPolicy, VerifiedManifest, verify_manifest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    """What an operation did (or, with dry_run, would do); the CLI prints it."""
+
+    action: str
+    bundle_id: str | None
+    plan: Plan
+    dry_run: bool = False
+    noop: bool = False
+    commands: list[commands.CommandResult] = field(default_factory=list)
+    signers: list[str] = field(default_factory=list)
+    recovered: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "bundle_id": self.bundle_id, "dry_run": self.dry_run,
+                "plan": self.plan.to_dict(), "signers": self.signers,
+                "commands": [c.to_dict() for c in self.commands],
+                "recovered": self.recovered}
+
+
+class _StagingSink:
+    """Writes one verified-as-it-streams blob into a private staging file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = _fs.open_exclusive(path, 0o600)
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._f.write(chunk)
+        except OSError as e:
+            raise _fs.io_error(e, f"cannot stage {self.path.name}") from e
+
+    def commit(self) -> None:
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+        _fs.remove_quietly(self.path)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def init_host(root: Path, host: str, allowed_signers: Path, force: bool = False,
+              threshold: int = 1, retain: int = 5) -> HostConfig:
+    """Write the host's config and copy its trust file under the root."""
+    layout = HostLayout(root)
+    if layout.config_file.exists() and not force:
+        raise HostConfigError(f"{layout.config_file}: host already initialised "
+                              "(use --force to overwrite)")
+    try:
+        text = allowed_signers.read_text(encoding="utf-8")
+    except OSError as e:
+        raise HostConfigError(f"{allowed_signers}: cannot read: {e.strerror}") from e
+    signers = AllowedSigners.from_text(text, str(allowed_signers))
+    if len(signers.entries) < threshold:
+        raise HostConfigError(f"{allowed_signers}: {len(signers.entries)} signer(s) cannot "
+                              f"meet a threshold of {threshold}")
+    config = HostConfig(host=host, threshold=threshold, retain=retain)
+    layout.config_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _fs.atomic_write(layout.config_dir / config.allowed_signers, text.encode(), 0o644)
+    _fs.atomic_write(layout.config_file, config.to_yaml().encode(), 0o644)
+    State(layout).ensure()
+    return config
+
+
+class Host:
+    """One host under one root: its config, trust, state and operations."""
+
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time,
+                 lock_wait: float = 0.0) -> None:
+        self.layout = HostLayout(root)
+        self.state = State(self.layout)
+        self.clock = clock
+        self.lock_wait = lock_wait
+        self._config: HostConfig | None = None
+
+    # -- configuration ----------------------------------------------------------------
+
+    @property
+    def config(self) -> HostConfig:
+        if self._config is None:
+            self._config = HostConfig.load(self.layout.config_file)
+        return self._config
+
+    def trust(self) -> TrustPolicy:
+        path = self.layout.config_dir / self.config.allowed_signers
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise HostConfigError(f"{path}: cannot read trusted signers: {e.strerror}") from e
+        return TrustPolicy(AllowedSigners.from_text(text, str(path)), self.config.threshold)
+
+    def now(self, current: Current) -> int:
+        return policy.effective_now(int(self.clock()), current)
+
+    def locked(self) -> AbstractContextManager[None]:
+        return locked(self.layout, self.lock_wait)
+
+    def _values(self) -> dict[str, str]:
+        return {"root": self.layout.root_arg}
+
+    def _env(self, bundle_id: str | None) -> dict[str, str]:
+        return {"GITOPS_ROOT": self.layout.root_arg or "/", "GITOPS_HOST": self.config.host,
+                "GITOPS_BUNDLE": bundle_id or ""}
+
+    def _run_all(self, cmds: list[Command], bundle_id: str | None = None,
+                 ) -> list[commands.CommandResult]:
+        return [commands.run(c, self._values(), self._env(bundle_id)) for c in cmds]
+
+    # -- recovery ---------------------------------------------------------------------
+
+    def recover(self) -> dict[str, Any] | None:
+        """Finish (roll back or forward) an interrupted transaction; audit what was done."""
+        done = recover(self.layout, self.state.current().txid, self._run_all)
+        if done is not None:
+            self.state.audit("recover", **done)
+        return done
+
+    # -- verify -----------------------------------------------------------------------
+
+    def verify(self, bundle: Path) -> VerifiedManifest:
+        """Everything apply checks before it changes anything, changing nothing."""
+        current = self.state.current()
+        now = self.now(current)
+
+        def on_manifest(verified: VerifiedManifest) -> None:
+            self._check_policy(verified, current, now, force=False)
+
+        return read_bundle(bundle, self.trust(), now, on_manifest=on_manifest).verified
+
+    def _check_policy(self, verified: VerifiedManifest, current: Current, now: int,
+                      force: bool) -> HostEntry:
+        m = verified.manifest
+        digest = sha256_hex(verified.manifest_bytes)
+        entry = policy.host_entry(m, self.config)
+        policy.check_replay(m, digest, current)
+        policy.check_expiry(m, now, self.config.clock_skew)
+        policy.check_not_bad(digest, self.state.bad_bundles(), force)
+        policy.check_modes(entry, self.config)
+        for f in entry.files:
+            resolve_target(self.layout, f.path, self.config.allowed_prefixes)
+        return entry
+
+    # -- apply ------------------------------------------------------------------------
+
+    def apply(self, bundle: Path, dry_run: bool = False, force: bool = False) -> Report:
+        with self.locked():
+            recovered = self.recover()
+            current = self.state.current()
+            now = self.now(current)
+            trust = self.trust()
+            self.state.ensure()
+            staging = self.layout.staging / new_txid()
+            chosen: dict[str, HostEntry] = {}
+
+            def on_manifest(verified: VerifiedManifest) -> SinkFactory:
+                entry = self._check_policy(verified, current, now, force)
+                chosen["entry"] = entry
+                needed = {f.sha256 for f in entry.files if not self.state.has_object(f.sha256)}
+                staging.mkdir(mode=0o700)
+                _check_space(staging, sum(f.size for f in entry.files if f.sha256 in needed))
+
+                def sink(name: str, digest: str, size: int) -> BlobSink | None:
+                    del size
+                    if name.startswith(BLOB_PREFIX) and digest in needed:
+                        return _StagingSink(staging / digest)
+                    return None
+                return sink
+
+            try:
+                result = read_bundle(bundle, trust, now, on_manifest=on_manifest)
+                verified = result.verified
+                report = self._transact(verified, chosen["entry"], staging, "apply", dry_run,
+                                        current)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            report.recovered = recovered
+            return report
+
+    def _content(self, staging: Path | None) -> Callable[[str], Path]:
+        def content(sha: str) -> Path:
+            if staging is not None and (staging / sha).is_file():
+                return staging / sha
+            return self.state.object_path(sha)
+        return content
+
+    def _old_entry(self, current: Current) -> HostEntry | None:
+        if current.bundle_id is None:
+            return None
+        try:
+            manifest = self.state.get_retained(current.bundle_id).manifest
+        except StateError:
+            logger.warning("current bundle %s is not retained; files it managed and the "
+                           "new bundle drops cannot be removed", current.bundle_id)
+            return None
+        return manifest.hosts.get(self.config.host)
+
+    def _transact(self, verified: VerifiedManifest, entry: HostEntry, staging: Path | None,
+                  purpose: str, dry_run: bool, current: Current) -> Report:
+        m = verified.manifest
+        digest = sha256_hex(verified.manifest_bytes)
+        plan = make_plan(self.layout, entry, self._old_entry(current),
+                         self.config.allowed_prefixes)
+        signers = [describe_signer(s) for s in verified.signers]
+        report = Report(purpose, m.bundle_id, plan, dry_run=dry_run, signers=signers,
+                        noop=plan.empty and current.manifest_sha256 == digest)
+        if dry_run:
+            return report
+        tx = Transaction(self.layout, plan, self._content(staging), purpose, m.bundle_id)
+        try:
+            if not plan.empty:
+                self._swap(tx, plan, report)
+        except (ValidationFailedError, CommandError, HealthCheckError) as e:
+            report.commands += tx.rollback(lambda cmds: self._run_all(cmds, current.bundle_id))
+            if purpose == "apply":
+                self.state.mark_bad(digest, str(e))
+            self._audit(purpose, m, verified, plan, report, f"failed: {e}; rolled back")
+            raise
+        except BaseException:
+            # Anything else (disk full, a bug, Ctrl-C): the journal says what to undo.
+            if self.layout.journal.exists():
+                tx.rollback(lambda cmds: self._run_all(cmds, current.bundle_id))
+            raise
+        self._commit(verified, staging, current, tx.txid, digest)
+        if not plan.empty:
+            tx.finish()
+        if purpose != "apply":
+            self.state.clear_bad(digest)
+        self.state.prune(self.config.retain, m.bundle_id)
+        self._audit(purpose, m, verified, plan, report, "ok")
+        return report
+
+    def _swap(self, tx: Transaction, plan: Plan, report: Report) -> None:
+        bundle_id = tx.journal.new_bundle
+        tx.prepare()
+        for op, change in zip(tx.journal.ops, plan.changes, strict=True):
+            if change.new is None or op.temp is None:
+                continue
+            for cmd in change.new.validate:
+                r = commands.run(cmd, {**self._values(), "path": op.temp}, self._env(bundle_id))
+                report.commands.append(r)
+                if not r.ok:
+                    raise ValidationFailedError(
+                        f"{change.path}: validate '{cmd.run}' failed ({r.reason}); "
+                        "nothing changed")
+        tx.swap()
+        for cmd in plan.commands("check"):
+            r = commands.run(cmd, self._values(), self._env(bundle_id))
+            report.commands.append(r)
+            if not r.ok:
+                raise ValidationFailedError(
+                    f"check '{cmd.run}' failed ({r.reason}); old files restored before any "
+                    "reload")
+        tx.services_phase()
+        for cmd in plan.commands("on_change"):
+            r = commands.run(cmd, self._values(), self._env(bundle_id))
+            report.commands.append(r)
+            if not r.ok:
+                raise CommandError(f"on_change '{cmd.run}' failed ({r.reason}); rolled back")
+        for cmd in plan.commands("health"):
+            r = commands.run(cmd, self._values(), self._env(bundle_id), retry=True)
+            report.commands.append(r)
+            if not r.ok:
+                raise HealthCheckError(
+                    f"health check '{cmd.run}' failed after {r.attempts} attempt(s) "
+                    f"({r.reason}); rolled back")
+
+    def _commit(self, verified: VerifiedManifest, staging: Path | None, current: Current,
+                txid: str, digest: str) -> None:
+        m = verified.manifest
+        self.state.retain(m.bundle_id, verified.manifest_bytes, verified.signature_bytes)
+        if staging is not None and staging.is_dir():
+            self.state.adopt_objects(sorted(staging.iterdir()))
+        self.state.write_current(Current(
+            bundle_id=m.bundle_id, sequence=m.sequence, commit=m.source.commit,
+            applied_at=int(self.clock()),
+            highest_sequence=max(current.highest_sequence, m.sequence),
+            newest_created=max(current.newest_created, m.created),
+            manifest_sha256=digest, txid=txid,
+        ))
+
+    def _audit(self, purpose: str, m: Manifest, verified: VerifiedManifest, plan: Plan,
+               report: Report, result: str) -> None:
+        self.state.audit(
+            purpose, bundle_id=m.bundle_id, sequence=m.sequence, commit=m.source.commit,
+            subject=m.source.subject, author=m.source.author,
+            signers=[describe_signer(s) for s in verified.signers], host=self.config.host,
+            added=[c.path for c in plan.by_kind("add")],
+            updated=[c.path for c in plan.by_kind("update")],
+            removed=[c.path for c in plan.by_kind("remove")],
+            commands=[c.to_dict() for c in report.commands], result=result,
+        )
+
+    # -- rollback ---------------------------------------------------------------------
+
+    def rollback(self, to: str | None = None, dry_run: bool = False) -> Report:
+        with self.locked():
+            recovered = self.recover()
+            current = self.state.current()
+            if to is not None:
+                target = self.state.get_retained(to)
+            else:
+                older = [r for r in self.state.retained()
+                         if r.bundle_id != current.bundle_id
+                         and r.manifest.sequence < current.sequence]
+                if not older:
+                    raise NoRollbackTargetError("no retained bundle older than the current one")
+                target = max(older, key=lambda r: r.manifest.sequence)
+            # Re-verify against today's trust: a revoked key's bundle is not a way back.
+            verified = verify_manifest(target.manifest_bytes, target.signature_bytes,
+                                       self.trust(), self.now(current))
+            entry = policy.host_entry(verified.manifest, self.config)
+            missing = [f.path for f in entry.files if not self.state.has_object(f.sha256)]
+            if missing:
+                raise StateError(f"retained bundle {target.bundle_id} lacks content for "
+                                 f"{missing[0]}")
+            report = self._transact(verified, entry, None, "rollback", dry_run, current)
+            report.recovered = recovered
+            return report
+
+    # -- read-only views ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        current = self.state.current()
+        retained = self.state.retained()
+        records = self.state.audit_records()
+        last = next((r for r in reversed(records) if r["event"] in ("apply", "rollback")),
+                    None)
+        out: dict[str, Any] = {
+            "host": self.config.host,
+            "root": str(self.layout.root),
+            "current": None,
+            "highest_sequence": current.highest_sequence,
+            "retained": [{"bundle_id": r.bundle_id, "sequence": r.manifest.sequence,
+                          "commit": r.manifest.source.commit, "applied_at": r.applied_at}
+                         for r in retained],
+            "last_result": None if last is None else {
+                "event": last["event"], "time": last["time"], "bundle_id": last["bundle_id"],
+                "result": last["result"]},
+            "transaction_pending": self.layout.journal.exists(),
+        }
+        if current.bundle_id is not None:
+            out["current"] = {"bundle_id": current.bundle_id, "sequence": current.sequence,
+                              "commit": current.commit, "applied_at": current.applied_at}
+        return out
+
+    def history(self) -> list[dict[str, Any]]:
+        return self.state.audit_records()
+
+
+def _check_space(directory: Path, needed: int) -> None:
+    """Refuse before staging when the state filesystem cannot hold the new content."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        raise HostIOError(f"{directory}: not enough space to stage the bundle: need "
+                          f"{needed} bytes, {free} free")
+
+
+def describe_signer(signer: VerifiedSigner) -> str:
+    return f"{','.join(signer.principals)} ({signer.fingerprint})"

@@ -1,0 +1,113 @@
+"""Running the commands a manifest names: validate, check, on_change, health.
+
+A command is split with ``shlex`` and run without a shell, with a timeout, its
+output captured (bounded) for the audit log. ``{path}`` is replaced by the staged
+file (validate) and ``{root}`` by the host root ("" for ``/``), per argument, after
+splitting, so a placeholder can never inject extra arguments. A non-zero exit or a
+timeout is a failure, never ignored. Not for: deciding *which* commands run (plan.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from applier.manifest import Command
+
+logger = logging.getLogger(__name__)
+MAX_OUTPUT = 16 << 10
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    run: str
+    returncode: int | None  # None: did not start or timed out
+    output: str
+    seconds: float
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def reason(self) -> str:
+        if self.returncode is None:
+            return self.output.splitlines()[-1] if self.output else "did not run"
+        last = self.output.strip().splitlines()[-1:] or [""]
+        detail = f": {last[0][:200]}" if last[0] else ""
+        return f"exited {self.returncode}{detail}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"run": self.run, "returncode": self.returncode, "output": self.output,
+                "seconds": round(self.seconds, 3), "attempts": self.attempts}
+
+
+def expand(cmd: Command, values: Mapping[str, str]) -> list[str]:
+    argv = shlex.split(cmd.run)
+    out = []
+    for arg in argv:
+        for key, value in values.items():
+            arg = arg.replace("{" + key + "}", value)  # noqa: PLW2901 - rewriting each arg
+        out.append(arg)
+    return out
+
+
+def run(cmd: Command, values: Mapping[str, str], env: Mapping[str, str] | None = None,
+        retry: bool = False) -> CommandResult:
+    """Run one command; with ``retry``, honour its retries/delay (health checks)."""
+    attempts = 1 + (cmd.retries if retry else 0)
+    result = _run_once(cmd, values, env)
+    n = 1
+    while not result.ok and n < attempts:
+        time.sleep(cmd.delay)
+        n += 1
+        result = _run_once(cmd, values, env)
+    return CommandResult(result.run, result.returncode, result.output, result.seconds, n)
+
+
+def _run_once(cmd: Command, values: Mapping[str, str],
+              env: Mapping[str, str] | None) -> CommandResult:
+    start = time.monotonic()
+    try:
+        argv = expand(cmd, values)
+    except ValueError as e:
+        return CommandResult(cmd.run, None, f"cannot parse command: {e}", 0.0)
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=cmd.timeout, env=full_env,
+                              check=False)
+    except subprocess.TimeoutExpired as e:
+        out = _text(e.output) + f"\ntimed out after {cmd.timeout}s"
+        return CommandResult(cmd.run, None, out.strip(), time.monotonic() - start)
+    except OSError as e:
+        return CommandResult(cmd.run, None, f"cannot run {argv[0]!r}: {e.strerror}",
+                             time.monotonic() - start)
+    result = CommandResult(cmd.run, proc.returncode, _text(proc.stdout),
+                           time.monotonic() - start)
+    logger.debug("ran %s -> %s", cmd.run, proc.returncode)
+    return result
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data[-MAX_OUTPUT:]
+    return data[-MAX_OUTPUT:].decode("utf-8", "replace")
+
+
+def unique(commands: Iterable[Command]) -> list[Command]:
+    """Each distinct command once, in order of first appearance."""
+    seen: dict[Command, None] = {}
+    for c in commands:
+        seen.setdefault(c, None)
+    return list(seen)

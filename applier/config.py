@@ -1,0 +1,141 @@
+"""The host's own configuration: ``<root>/etc/gitops-apply/config.yaml``.
+
+Written by ``gitops-apply init`` and edited by the operator, never by a bundle (the
+directory is outside every allowed prefix). ``HostConfig`` is valid by construction;
+``schemas/config.schema.json`` says the same and a test keeps them equal.
+Not for: the trust file itself (``sshsig.py`` parses allowed_signers).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from applier.errors import HostConfigError
+from applier.manifest import DRIFT_POLICIES, DriftPolicy, check_target_path
+
+DEFAULT_PREFIXES: tuple[str, ...] = ("/etc", "/opt", "/usr/local", "/srv", "/var/lib")
+# The tool's own config and state: no bundle may write there, whatever the prefixes say.
+PROTECTED: tuple[str, ...] = ("/etc/gitops-apply", "/var/lib/gitops-apply")
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_KEYS = {"host", "retain", "allowed_signers", "threshold", "allowed_prefixes", "clock_skew",
+         "allow_special_modes", "drift", "metrics_file", "command_timeout"}
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """What one host is called, whom it trusts and what bundles may do to it."""
+
+    host: str
+    retain: int = 5
+    allowed_signers: str = "allowed_signers"
+    threshold: int = 1
+    allowed_prefixes: tuple[str, ...] = DEFAULT_PREFIXES
+    clock_skew: int = 300
+    allow_special_modes: bool = False
+    drift: dict[str, DriftPolicy] = field(default_factory=dict)
+    metrics_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not _HOST.fullmatch(self.host):
+            raise HostConfigError(f"config: host {self.host!r} is not a valid host name")
+        for name, value, low, high in (("retain", self.retain, 1, 1000),
+                                       ("threshold", self.threshold, 1, 100),
+                                       ("clock_skew", self.clock_skew, 0, 366 * 86400)):
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise HostConfigError(f"config: {name} must be an integer in {low}..{high}")
+        if not isinstance(self.allowed_signers, str) or not self.allowed_signers:
+            raise HostConfigError("config: allowed_signers must be a file name")
+        if not isinstance(self.allow_special_modes, bool):
+            raise HostConfigError("config: allow_special_modes must be true or false")
+        for prefix in self.allowed_prefixes:
+            _path(prefix, "allowed_prefixes")
+        for path, policy in self.drift.items():
+            _path(path, "drift")
+            if policy not in DRIFT_POLICIES:
+                raise HostConfigError(
+                    f"config: drift policy for {path} must be one of {', '.join(DRIFT_POLICIES)}")
+        if self.metrics_file is not None and not isinstance(self.metrics_file, str):
+            raise HostConfigError("config: metrics_file must be a path")
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "config.yaml") -> HostConfig:
+        if not isinstance(d, dict):
+            raise HostConfigError(f"{source}: must be a mapping")
+        unknown = d.keys() - _KEYS
+        if unknown:
+            raise HostConfigError(f"{source}: unknown key {sorted(unknown)[0]!r}")
+        if "host" not in d:
+            raise HostConfigError(f"{source}: missing key 'host'")
+        prefixes = d.get("allowed_prefixes", list(DEFAULT_PREFIXES))
+        drift = d.get("drift", {}) or {}
+        if not isinstance(prefixes, list) or not isinstance(drift, dict):
+            raise HostConfigError(f"{source}: allowed_prefixes must be a list, drift a mapping")
+        try:
+            return cls(
+                host=d["host"],
+                retain=d.get("retain", 5),
+                allowed_signers=d.get("allowed_signers", "allowed_signers"),
+                threshold=d.get("threshold", 1),
+                allowed_prefixes=tuple(prefixes),
+                clock_skew=d.get("clock_skew", 300),
+                allow_special_modes=d.get("allow_special_modes", False),
+                drift=dict(drift),
+                metrics_file=d.get("metrics_file"),
+            )
+        except HostConfigError as e:
+            raise HostConfigError(f"{source}: {str(e).removeprefix('config: ')}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "host": self.host,
+            "retain": self.retain,
+            "allowed_signers": self.allowed_signers,
+            "threshold": self.threshold,
+            "allowed_prefixes": list(self.allowed_prefixes),
+            "clock_skew": self.clock_skew,
+            "allow_special_modes": self.allow_special_modes,
+        }
+        if self.drift:
+            out["drift"] = dict(self.drift)
+        if self.metrics_file is not None:
+            out["metrics_file"] = self.metrics_file
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def load(cls, path: Path) -> HostConfig:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise HostConfigError(
+                f"{path}: host not initialised (run: gitops-apply init --host NAME "
+                "--allowed-signers FILE)") from None
+        except OSError as e:
+            raise HostConfigError(f"{path}: cannot read: {e.strerror}") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or "invalid YAML"
+            raise HostConfigError(f"{where}: {problem}") from None
+        return cls.from_dict(data, str(path))
+
+
+def _path(value: Any, where: str) -> str:
+    try:
+        return check_target_path(value, where)
+    except Exception as e:
+        raise HostConfigError(f"config: {where}: {value!r} is not an absolute path") from e
+
+
+def within(path: str, prefix: str) -> bool:
+    """True if ``path`` is ``prefix`` or below it (component-wise, not string-wise)."""
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")

@@ -1,0 +1,227 @@
+"""The state directory: current bundle, retained bundles, content store, audit log.
+
+Layout (under ``<root>/var/lib/gitops-apply``)::
+
+    current.json          the commit point: current bundle id, its sequence, the
+                          highest sequence and newest creation time ever accepted
+    bundles/<id>/         a retained bundle: its exact manifest.json and .sig bytes
+                          and meta.json (when it was applied)
+    objects/<ab>/<sha>    content store: this host's file contents, by SHA-256,
+                          shared by every retained bundle (rollback and drift repair
+                          read from here)
+    staging/<txid>/       blobs streamed out of a bundle being verified
+    journal.json          the in-flight transaction (see transaction.py)
+    audit.log             append-only JSON lines, one per event
+    bad.json              bundles that failed checks/health, never retried unasked
+
+Every write goes through ``_fs.atomic_write``. Not for: the transaction itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from applier import _fs
+from applier.errors import StateError
+from applier.manifest import Manifest
+from applier.paths import HostLayout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Current:
+    """The contents of current.json. Writing it commits a transaction."""
+
+    bundle_id: str | None
+    sequence: int
+    commit: str | None
+    applied_at: int
+    highest_sequence: int
+    newest_created: int
+    manifest_sha256: str | None = None
+    txid: str | None = None  # the transaction this commit closed (recovery compares it)
+
+    @classmethod
+    def empty(cls) -> Current:
+        return cls(None, 0, None, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class Retained:
+    bundle_id: str
+    manifest_bytes: bytes
+    signature_bytes: bytes
+    applied_at: int
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest.from_bytes(self.manifest_bytes)
+
+
+class State:
+    """Read and write the host's state directory."""
+
+    def __init__(self, layout: HostLayout) -> None:
+        self.layout = layout
+
+    def ensure(self) -> None:
+        for d in (self.layout.state_dir, self.layout.bundles, self.layout.objects,
+                  self.layout.staging):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.layout.lock.touch(mode=0o600, exist_ok=True)
+
+    # -- current ---------------------------------------------------------------------
+
+    def current(self) -> Current:
+        try:
+            data = json.loads(self.layout.current.read_bytes())
+            return Current(**data)
+        except FileNotFoundError:
+            return Current.empty()
+        except (ValueError, TypeError) as e:
+            raise StateError(f"{self.layout.current}: corrupt state file: {e}") from e
+
+    def write_current(self, current: Current) -> None:
+        _fs.atomic_write(self.layout.current, _dumps(asdict(current)), 0o600, fault="current")
+
+    # -- retained bundles ------------------------------------------------------------
+
+    def retain(self, bundle_id: str, manifest_bytes: bytes, signature_bytes: bytes) -> None:
+        d = self.layout.bundles / bundle_id
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _fs.atomic_write(d / "manifest.json", manifest_bytes, 0o600, fault="retain-manifest")
+        _fs.atomic_write(d / "manifest.json.sig", signature_bytes, 0o600, fault="retain-sig")
+        meta = {"applied_at": int(time.time()), "applied_ns": time.time_ns()}
+        _fs.atomic_write(d / "meta.json", _dumps(meta), 0o600, fault="retain-meta")
+
+    def retained(self) -> list[Retained]:
+        """Every retained bundle, oldest applied first."""
+        out: list[tuple[int, Retained]] = []
+        if not self.layout.bundles.is_dir():
+            return []
+        for d in self.layout.bundles.iterdir():
+            try:
+                meta = json.loads((d / "meta.json").read_bytes())
+                out.append((meta.get("applied_ns", 0), Retained(
+                    d.name, (d / "manifest.json").read_bytes(),
+                    (d / "manifest.json.sig").read_bytes(), int(meta["applied_at"]))))
+            except (OSError, ValueError, KeyError):
+                # A half-written retained bundle (crash before commit) is not one.
+                logger.debug("ignoring incomplete retained bundle %s", d.name)
+        return [r for _, r in sorted(out, key=lambda t: t[0])]
+
+    def get_retained(self, bundle_id: str) -> Retained:
+        for r in self.retained():
+            if r.bundle_id == bundle_id:
+                return r
+        matches = [r for r in self.retained() if r.bundle_id.startswith(bundle_id)
+                   or r.bundle_id.split("-", 1)[-1].startswith(bundle_id)]
+        if len(matches) == 1:
+            return matches[0]
+        raise StateError(f"no retained bundle {bundle_id!r}" if not matches
+                         else f"bundle id {bundle_id!r} is ambiguous")
+
+    def prune(self, keep: int, current_id: str | None) -> list[str]:
+        """Keep the ``keep`` most recently applied bundles; drop unreferenced objects."""
+        retained = self.retained()
+        drop = [r for r in retained[:-keep] if r.bundle_id != current_id] if keep else []
+        for r in drop:
+            shutil.rmtree(self.layout.bundles / r.bundle_id, ignore_errors=True)
+        if drop:
+            self.gc_objects()
+        return [r.bundle_id for r in drop]
+
+    def referenced_objects(self) -> set[str]:
+        refs: set[str] = set()
+        for r in self.retained():
+            for host in r.manifest.hosts.values():
+                refs.update(f.sha256 for f in host.files)
+        return refs
+
+    def gc_objects(self) -> None:
+        refs = self.referenced_objects()
+        for sha, path in self.iter_objects():
+            if sha not in refs:
+                _fs.remove_quietly(path)
+
+    # -- content store ---------------------------------------------------------------
+
+    def object_path(self, sha256: str) -> Path:
+        return self.layout.objects / sha256[:2] / sha256
+
+    def has_object(self, sha256: str) -> bool:
+        return self.object_path(sha256).is_file()
+
+    def iter_objects(self) -> Iterator[tuple[str, Path]]:
+        if not self.layout.objects.is_dir():
+            return
+        for sub in self.layout.objects.iterdir():
+            for p in sub.iterdir():
+                yield p.name, p
+
+    def adopt_objects(self, staged: Iterable[Path]) -> None:
+        """Move verified staged blobs into the content store (same filesystem: rename)."""
+        dirs: set[Path] = set()
+        for src in staged:
+            dst = self.object_path(src.name)
+            dst.parent.mkdir(exist_ok=True, mode=0o700)
+            os.replace(src, dst)
+            dirs.add(dst.parent)
+        for d in dirs:
+            _fs.fsync_dir(d)
+
+    # -- bad bundles -------------------------------------------------------------------
+
+    def bad_bundles(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.layout.bad.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except ValueError as e:
+            raise StateError(f"{self.layout.bad}: corrupt state file: {e}") from e
+        return {str(k): str(v) for k, v in data.items()}
+
+    def mark_bad(self, manifest_sha256: str, reason: str) -> None:
+        bad = self.bad_bundles()
+        bad[manifest_sha256] = reason
+        _fs.atomic_write(self.layout.bad, _dumps(bad), 0o600, fault="bad")
+
+    def clear_bad(self, manifest_sha256: str) -> None:
+        bad = self.bad_bundles()
+        if bad.pop(manifest_sha256, None) is not None:
+            _fs.atomic_write(self.layout.bad, _dumps(bad), 0o600, fault="bad")
+
+    # -- audit log ---------------------------------------------------------------------
+
+    def audit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"time": _iso(time.time()), "event": event, **fields}
+        self.layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _fs.append_line(self.layout.audit_log,
+                        json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        return record
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        with contextlib.suppress(FileNotFoundError), self.layout.audit_log.open("rb") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, indent=1).encode() + b"\n"
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

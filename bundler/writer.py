@@ -1,0 +1,117 @@
+"""Writing the format-1 tar: deterministic headers, streaming members, optional compression.
+
+Byte-identical output for identical input is a format promise, so every source of
+variation is pinned: member order (manifest, signature, blobs by digest, git history),
+mtime (the commit time), uid/gid 0, mode 0644, no user names, gzip with mtime 0 and
+no file name, zstd single-threaded at a fixed level. The file is written to a temp
+name beside the output and renamed into place only when complete and verified, so
+a failed build leaves no bundle behind. Not for: choosing the content (build.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import secrets
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from applier import _fs, _tar
+from applier.errors import ApplierError
+from applier.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from bundler.errors import BuildError, OutputError
+
+COMPRESSIONS = ("none", "gzip", "zstd")
+GZIP_LEVEL = 6
+ZSTD_LEVEL = 10
+
+
+@dataclass(frozen=True)
+class Member:
+    """One payload member: its name, size and a way to stream its bytes."""
+
+    name: str
+    size: int
+    chunks: Callable[[], Iterable[bytes]]
+
+
+def compression_for(path: Path, requested: str | None) -> str:
+    if requested is not None:
+        return requested
+    name = path.name
+    if name.endswith((".tar.gz", ".tgz")):
+        return "gzip"
+    if name.endswith((".tar.zst", ".tzst")):
+        return "zstd"
+    return "none"
+
+
+@contextlib.contextmanager
+def _compressed(raw: BinaryIO, compression: str) -> Iterator[BinaryIO]:
+    if compression == "gzip":
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                           compresslevel=GZIP_LEVEL) as gz:
+            yield gz  # type: ignore[misc]
+    elif compression == "zstd":
+        try:
+            import zstandard  # noqa: PLC0415 - optional dependency
+        except ImportError:
+            raise BuildError("zstd output needs the zstandard module "
+                             "(pip install 'gitops-airgap[zstd]')") from None
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_checksum=True)
+        with cctx.stream_writer(raw, closefd=False) as z:
+            yield z
+    else:
+        yield raw
+
+
+def _check_size(member: Member, written: int) -> None:
+    if written != member.size:
+        raise BuildError(f"{member.name}: wrote {written} bytes, expected {member.size}")
+
+
+def write_tar(out: Path, manifest_bytes: bytes, signature_bytes: bytes,
+              members: Iterable[Member], mtime: int, compression: str,
+              progress: Callable[[int], None] | None = None,
+              check: Callable[[Path], None] | None = None) -> int:
+    """Write the bundle to ``out`` atomically; ``check`` may veto the finished temp file."""
+    tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
+    try:
+        with open(tmp, "xb") as raw:
+            with _compressed(raw, compression) as f:
+                written = 0
+                for name, data in ((MANIFEST_NAME, manifest_bytes),
+                                   (SIGNATURE_NAME, signature_bytes)):
+                    f.write(_tar.header_bytes(name, len(data), mtime))
+                    f.write(data)
+                    f.write(_tar.padding(len(data)))
+                    written += _tar.BLOCK + len(data) + len(_tar.padding(len(data)))
+                for m in members:
+                    f.write(_tar.header_bytes(m.name, m.size, mtime))
+                    n = 0
+                    for chunk in m.chunks():
+                        f.write(chunk)
+                        n += len(chunk)
+                        if progress is not None:
+                            progress(len(chunk))
+                    _check_size(m, n)
+                    f.write(_tar.padding(m.size))
+                    written += _tar.BLOCK + m.size + len(_tar.padding(m.size))
+                f.write(_tar.end_of_archive(written))
+            raw.flush()
+            os.fsync(raw.fileno())
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, out)
+        _fs.fsync_dir(out.parent)
+        return out.stat().st_size
+    except OSError as e:
+        raise OutputError(str(_fs.io_error(e, f"cannot write {out}"))) from e
+    except (BuildError, ApplierError):
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

@@ -1,0 +1,147 @@
+"""Applying, re-applying and rolling back bundles on a host under a temporary root."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import Systemctl
+from factory import BundleSpec, FileSpec, KeyPair, snapshot, write_allowed_signers
+
+from applier.apply import Host, init_host
+from applier.errors import (
+    ExitCode,
+    HostNotInBundleError,
+    NoRollbackTargetError,
+    ReplayError,
+    ValidationFailedError,
+)
+
+NGINX = "/etc/nginx/nginx.conf"
+SITE = "/etc/nginx/conf.d/app.conf"
+MOTD = "/etc/motd"
+
+
+@pytest.fixture
+def root(tmp_path: Path, signing_key: KeyPair) -> Path:
+    root = tmp_path / "frodo"
+    signers = write_allowed_signers(tmp_path / "allowed_signers", signing_key)
+    init_host(root, "frodo", signers)
+    return root
+
+
+def spec(seq: int, site: bytes = b"server { listen 8080; }\n", extra: bool = True,
+         ) -> BundleSpec:
+    files: dict[str, bytes | FileSpec] = {
+        NGINX: FileSpec(b"events {}\n", on_change=("systemctl reload nginx",)),
+        SITE: FileSpec(site, on_change=("systemctl reload nginx",)),
+    }
+    if extra:
+        files[MOTD] = FileSpec(b"welcome to frodo\n", mode=0o600)
+    return BundleSpec({"frodo": files, "camelot": {MOTD: b"camelot\n"}}, sequence=seq,
+                      commit=f"{seq:040x}")
+
+
+def read(root: Path, path: str) -> bytes:
+    return (root / path.lstrip("/")).read_bytes()
+
+
+def test_apply_writes_files_with_modes_and_runs_on_change_once(
+        root: Path, tmp_path: Path, signing_key: KeyPair, systemctl: Systemctl) -> None:
+    bundle = spec(1).write(tmp_path / "b1.tar", signing_key)
+    report = Host(root).apply(bundle)
+    assert read(root, NGINX) == b"events {}\n"
+    assert (root / "etc/motd").stat().st_mode & 0o7777 == 0o600
+    assert systemctl.calls() == ["systemctl reload nginx"]
+    assert {c.path for c in report.plan.changes} == {NGINX, SITE, MOTD}
+    # No staging temp files or backups are left beside the targets.
+    assert sorted(p.name for p in (root / "etc/nginx").iterdir()) == ["conf.d", "nginx.conf"]
+
+
+def test_reapply_same_bundle_changes_nothing(
+        root: Path, tmp_path: Path, signing_key: KeyPair, systemctl: Systemctl) -> None:
+    bundle = spec(1).write(tmp_path / "b1.tar", signing_key)
+    Host(root).apply(bundle)
+    systemctl.clear()
+    before = snapshot(root / "etc")
+    report = Host(root).apply(bundle)
+    assert report.plan.empty
+    assert report.noop
+    assert systemctl.calls() == []
+    assert snapshot(root / "etc") == before
+
+
+def test_update_remove_and_rollback(
+        root: Path, tmp_path: Path, signing_key: KeyPair, systemctl: Systemctl) -> None:
+    host = Host(root)
+    host.apply(spec(1).write(tmp_path / "b1.tar", signing_key))
+    v1 = snapshot(root / "etc")
+    systemctl.clear()
+    report = host.apply(spec(2, site=b"server { listen 9090; }\n", extra=False)
+                        .write(tmp_path / "b2.tar", signing_key))
+    assert {(c.kind, c.path) for c in report.plan.changes} == {("update", SITE),
+                                                                ("remove", MOTD)}
+    assert not (root / "etc/motd").exists()
+    assert systemctl.calls() == ["systemctl reload nginx"]
+    host.rollback()
+    assert snapshot(root / "etc") == v1
+    assert host.status()["current"]["bundle_id"].startswith("1-")
+    with pytest.raises(NoRollbackTargetError):
+        host.rollback()
+    events = [r["event"] for r in host.history()]
+    assert events == ["apply", "apply", "rollback"]
+
+
+def test_replay_of_older_bundle_is_refused(
+        root: Path, tmp_path: Path, signing_key: KeyPair, systemctl: Systemctl) -> None:
+    host = Host(root)
+    old = spec(1).write(tmp_path / "b1.tar", signing_key)
+    host.apply(spec(2).write(tmp_path / "b2.tar", signing_key))
+    before = snapshot(root)
+    with pytest.raises(ReplayError, match="sequence 1, not above 2") as e:
+        host.apply(old)
+    assert e.value.exit_code == ExitCode.POLICY
+    assert snapshot(root) == before
+
+
+def test_bundle_without_this_host_is_refused(
+        root: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    bundle = BundleSpec({"camelot": {MOTD: b"x\n"}}).write(tmp_path / "b.tar", signing_key)
+    before = snapshot(root)
+    with pytest.raises(HostNotInBundleError, match="no files for host 'frodo'"):
+        Host(root).apply(bundle)
+    assert snapshot(root) == before
+
+
+def test_failing_validate_changes_nothing(
+        root: Path, tmp_path: Path, signing_key: KeyPair, systemctl: Systemctl) -> None:
+    host = Host(root)
+    host.apply(spec(1).write(tmp_path / "b1.tar", signing_key))
+    before = snapshot(root / "etc")
+    bad = BundleSpec({"frodo": {NGINX: FileSpec(b"broken\n", validate=("false {path}",),
+                                                on_change=("systemctl reload nginx",))}},
+                     sequence=2, commit="2" * 40)
+    systemctl.clear()
+    with pytest.raises(ValidationFailedError, match=r"validate 'false \{path\}' failed"):
+        host.apply(bad.write(tmp_path / "b2.tar", signing_key))
+    assert snapshot(root / "etc") == before
+    assert systemctl.calls() == []
+    assert host.history()[-1]["result"].startswith("failed")
+
+
+def test_dry_run_changes_nothing(root: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    bundle = spec(1).write(tmp_path / "b1.tar", signing_key)
+    before = snapshot(root)
+    report = Host(root).apply(bundle, dry_run=True)
+    assert report.dry_run
+    assert len(report.plan.changes) == 3
+    assert snapshot(root) == before
+
+
+def test_status_json_shape(root: Path, tmp_path: Path, signing_key: KeyPair,
+                           systemctl: Systemctl) -> None:
+    Host(root).apply(spec(1).write(tmp_path / "b1.tar", signing_key))
+    status = json.loads(json.dumps(Host(root).status()))
+    assert status["current"]["sequence"] == 1
+    assert status["last_result"]["result"] == "ok"

@@ -1,0 +1,98 @@
+"""Shared fixtures: real tools (git, ssh-keygen, nginx), keys, a stand-in systemctl.
+
+A test that needs a tool calls ``require_tool``: locally a missing tool skips the
+test; in CI (``CI=true``) it fails it, because ./scripts/test installs every tool.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from factory import KeyPair, make_key
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_FLEET = REPO_ROOT / "examples" / "fleet"
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Ada Ops", "GIT_AUTHOR_EMAIL": "ada@example.org",
+    "GIT_COMMITTER_NAME": "Ada Ops", "GIT_COMMITTER_EMAIL": "ada@example.org",
+    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
+}
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; skip the test if it is missing (fail instead in CI)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is required in CI but not installed")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+def git(repo: Path, *args: str, date: str = "2026-11-01T12:00:00Z") -> str:
+    env = {**os.environ, **GIT_ENV, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, env=env,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def commit_all(repo: Path, message: str, date: str = "2026-11-01T12:00:00Z") -> str:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message, date=date)
+    return git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def fleet_repo(tmp_path: Path) -> Path:
+    """A real git repo holding examples/fleet, one commit on branch main."""
+    require_tool("git")
+    repo = tmp_path / "infra"
+    shutil.copytree(EXAMPLE_FLEET, repo)
+    git(repo, "init", "-q", "-b", "main")
+    commit_all(repo, "Initial fleet")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    require_tool("ssh-keygen")
+    return make_key(tmp_path_factory.mktemp("keys"), "ops")
+
+
+@pytest.fixture(scope="session")
+def other_key(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
+    require_tool("ssh-keygen")
+    return make_key(tmp_path_factory.mktemp("keys"), "mallory")
+
+
+class Systemctl:
+    """A stand-in ``systemctl`` on PATH that records its calls (systemd is not PID 1 here)."""
+
+    def __init__(self, bindir: Path, log: Path) -> None:
+        self.bindir = bindir
+        self.log = log
+
+    def calls(self) -> list[str]:
+        if not self.log.exists():
+            return []
+        return self.log.read_text().splitlines()
+
+    def clear(self) -> None:
+        self.log.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Systemctl:
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    log = tmp_path / "systemctl.log"
+    script = bindir / "systemctl"
+    script.write_text(f'#!/bin/sh\necho "systemctl $*" >> "{log}"\nexit 0\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}:/usr/sbin:/sbin")
+    return Systemctl(bindir, log)
