@@ -264,7 +264,7 @@ class Host:
             report.commands += tx.rollback(lambda cmds: self._run_all(cmds, current.bundle_id))
             if purpose == "apply":
                 self.state.mark_bad(digest, str(e))
-            self._audit(purpose, m, verified, plan, report, f"failed: {e}; rolled back")
+            self._audit(purpose, m, verified, plan, report, f"failed: {e}")
             raise
         except BaseException:
             # Anything else (disk full, a bug, Ctrl-C): the journal says what to undo.

@@ -1,0 +1,1 @@
+"""Benchmarks (see bench/run); not part of the installed package."""

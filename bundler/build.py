@@ -1,0 +1,251 @@
+"""``gitops-bundle build``, ``sign``, ``verify`` and ``inspect``: the workstation's operations.
+
+Build = resolve the commit -> load the key (fail fast) -> render every host from the
+commit's objects (render.py) -> git history bundle (git.py) -> manifest -> sign the
+canonical bytes -> stream the tar (writer.py) -> read it back with the applier's own
+reader and verify it against the signing key -> rename into place. Reproducible:
+every input comes from the commit (time, sequence, content); the only outside
+input is ``--expires``, which counts from ``SOURCE_DATE_EPOCH`` when that is set.
+Not for: the tar encoding (writer.py) or rendering (render.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from applier import _fs
+from applier.bundle import BundleFile, read_bundle
+from applier.manifest import (
+    BLOB_PREFIX,
+    GIT_BUNDLE_NAME,
+    GitInfo,
+    Manifest,
+    Source,
+    make_bundle_id,
+)
+from applier.sshsig import AllowedSigners, parse_signatures, signature_fingerprints, verify_one
+from applier.verify import NAMESPACE, TrustPolicy, VerifiedManifest
+from bundler.errors import BuildError
+from bundler.git import GitRepo
+from bundler.render import render_fleet
+from bundler.signing import SigningKey, sign
+from bundler.writer import Member, compression_for, write_tar
+
+logger = logging.getLogger(__name__)
+BUILDER = "gitops-bundle 0.1.0"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    repo: Path
+    out: Path
+    rev: str = "HEAD"
+    subpath: str = ""
+    expires: int | None = None  # seconds from build time
+    sequence: int | None = None
+    compression: str | None = None
+    hosts: tuple[str, ...] | None = None
+    jobs: int | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    manifest: Manifest
+    size: int
+    dirty: bool
+    warnings: tuple[str, ...]
+
+
+def _progress_bar(total: int, desc: str) -> Any:  # tqdm ships no type hints
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
+                disable=not sys.stderr.isatty(), leave=False)
+
+
+def parse_duration(text: str) -> int:
+    """``90s``, ``45m``, ``12h``, ``30d``, ``2w`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    text = text.strip()
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise BuildError(f"--expires: {text!r} is not a duration like 90s, 12h, 30d")
+    seconds = int(text[:-1]) * units[text[-1]]
+    if seconds <= 0:
+        raise BuildError("--expires: the duration must be positive")
+    return seconds
+
+
+def build_now() -> int:
+    """The build's clock: SOURCE_DATE_EPOCH when set (reproducible builds), else now."""
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env is not None:
+        if not env.isdigit():
+            raise BuildError(f"SOURCE_DATE_EPOCH={env!r} is not a Unix time")
+        return int(env)
+    return int(time.time())
+
+
+def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
+    repo = GitRepo(opts.repo)
+    commit = repo.resolve(opts.rev)
+    info = repo.commit_info(opts.rev)
+    dirty = repo.is_dirty()
+    if dirty:
+        logger.warning("the working tree has uncommitted changes; they are NOT in the bundle "
+                       "(building commit %s)", commit[:12])
+    fleet = render_fleet(repo, commit, opts.subpath, hosts=list(opts.hosts) if opts.hosts
+                         else None, jobs=opts.jobs)
+    for w in fleet.warnings:
+        logger.warning("%s", w)
+    sequence = opts.sequence if opts.sequence is not None else repo.count_commits(commit)
+    if sequence < 1:
+        raise BuildError(f"--sequence must be at least 1, not {sequence}")
+    expires = None
+    if opts.expires is not None:
+        expires = max(build_now(), info.time) + opts.expires
+    out = opts.out.absolute()
+    with tempfile.TemporaryDirectory(prefix=".gitops-build-", dir=out.parent) as tmp:
+        history = Path(tmp) / "history.bundle"
+        ref = f"refs/heads/{info.branch}" if info.branch else "refs/gitops/commit"
+        repo.create_bundle(commit, ref, history)
+        with history.open("rb") as f:
+            git_sha, git_size = _fs.hash_stream(f)
+        manifest = Manifest(
+            bundle_id=make_bundle_id(sequence, commit), sequence=sequence, created=info.time,
+            expires=expires,
+            source=Source(repo=repo.toplevel.name, commit=commit, tree=info.tree,
+                          branch=info.branch, author=info.author, subject=info.subject,
+                          path=fleet.path),
+            builder=BUILDER, hosts=fleet.hosts,
+            git=GitInfo(git_sha, git_size, {ref: commit}),
+        )
+        manifest_bytes = manifest.to_bytes()
+        signature = sign(manifest_bytes, key)
+        compression = compression_for(out, opts.compression)
+        with repo.blob_reader() as reader, _progress_bar(manifest.payload_size,
+                                                         "writing") as bar:
+            def blob_chunks(digest: str) -> Callable[[], Iterator[bytes]]:
+                return lambda: fleet.contents[digest].chunks(reader)
+
+            def git_chunks() -> Iterator[bytes]:
+                with history.open("rb") as f:
+                    yield from _fs.iter_chunks(f, git_size)
+
+            members = [Member(BLOB_PREFIX + d, size, blob_chunks(d))
+                       for d, size in manifest.blobs.items()]
+            members.append(Member(GIT_BUNDLE_NAME, git_size, git_chunks))
+            size = write_tar(out, manifest_bytes, signature, members, mtime=info.time,
+                             compression=compression, progress=bar.update,
+                             check=lambda p: _self_check(p, key, info.time))
+    return BuildResult(out, manifest, size, dirty, fleet.warnings)
+
+
+def _self_check(path: Path, key: SigningKey, now: int) -> None:
+    """Read the finished file back with the host's reader: one definition of the format."""
+    signers = AllowedSigners.from_text(f"builder {key.public_key.to_openssh()}\n", "builder")
+    read_bundle(path, TrustPolicy(signers), now)
+
+
+def verify_bundle(path: Path, allowed_signers: Path, threshold: int = 1,
+                  now: int | None = None) -> VerifiedManifest:
+    """What a host checks about the bundle itself (no host policy)."""
+    try:
+        text = allowed_signers.read_text(encoding="utf-8")
+    except OSError as e:
+        raise BuildError(f"{allowed_signers}: cannot read: {e.strerror}") from e
+    trust = TrustPolicy(AllowedSigners.from_text(text, str(allowed_signers)), threshold)
+    return read_bundle(path, trust, int(time.time()) if now is None else now).verified
+
+
+def add_signature(bundle: Path, key: SigningKey, out: Path) -> Manifest:
+    """Co-sign: append a signature without changing a byte of the manifest.
+
+    The existing signatures must verify against the keys they name (so a co-signer
+    never endorses a tampered file), and every member is re-checked while copied.
+    """
+    with BundleFile(bundle) as src:
+        manifest_bytes, sig_bytes = src.signed_part()
+        for sig in parse_signatures(sig_bytes):
+            verify_one(manifest_bytes, sig, NAMESPACE)
+        if key.fingerprint in signature_fingerprints(sig_bytes):
+            raise BuildError(f"{bundle}: already signed by {key.fingerprint}")
+        manifest = Manifest.from_bytes(manifest_bytes)
+        new_sig = sig_bytes + sign(manifest_bytes, key)
+        compression = compression_for(out, None) if out != bundle else src.compression
+    staged: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix=".gitops-sign-", dir=out.absolute().parent) as tmp:
+        # Stream members to temp files while verifying, then write the new tar from them:
+        # the output may be the input file, so it cannot be read while written.
+        class _Sink:
+            def __init__(self, name: str) -> None:
+                self.path = Path(tmp) / hashlib.sha256(name.encode()).hexdigest()
+                self.f = self.path.open("xb")
+
+            def write(self, chunk: bytes) -> None:
+                self.f.write(chunk)
+
+            def commit(self) -> None:
+                self.f.close()
+
+            def abort(self) -> None:
+                self.f.close()
+
+        def sink(name: str, digest: str, size: int) -> _Sink:
+            del digest, size
+            s = _Sink(name)
+            staged[name] = s.path
+            return s
+
+        with BundleFile(bundle) as src:
+            src.signed_part()
+            src.payload(manifest, sink)
+
+        def chunks(name: str, size: int) -> Callable[[], Iterator[bytes]]:
+            def gen() -> Iterator[bytes]:
+                with staged[name].open("rb") as f:
+                    yield from _fs.iter_chunks(f, size)
+            return gen
+
+        members = [Member(n, s, chunks(n, s)) for n, _, s in manifest.members()]
+        write_tar(out, manifest_bytes, new_sig, members, mtime=manifest.created,
+                  compression=compression)
+    return manifest
+
+
+def inspect_bundle(path: Path) -> dict[str, Any]:
+    """Describe any bundle without trusting it: hosts, files, sizes, commit, signers.
+
+    The manifest is parsed only after at least one signature in the file verified
+    against the key it carries; whose key that is, is for ``verify`` to say.
+    """
+    with BundleFile(path) as bundle:
+        manifest_bytes, sig_bytes = bundle.signed_part()
+        signatures = parse_signatures(sig_bytes)
+        for sig in signatures:
+            verify_one(manifest_bytes, sig, NAMESPACE)
+        m = Manifest.from_bytes(manifest_bytes)
+        compression = bundle.compression
+    return {
+        "bundle_id": m.bundle_id, "sequence": m.sequence, "created": m.created,
+        "expires": m.expires, "builder": m.builder, "compression": compression,
+        "source": m.source.to_dict(),
+        "signers": [s.public_key.fingerprint for s in signatures],
+        "hosts": {name: {"files": [{"path": f.path, "size": f.size, "sha256": f.sha256,
+                                    "mode": f"{f.mode:04o}", "owner": f.owner,
+                                    "group": f.group} for f in h.files],
+                         "total_size": sum(f.size for f in h.files)}
+                  for name, h in m.hosts.items()},
+        "blobs": len(m.blobs), "payload_size": m.payload_size,
+        "git": {"sha256": m.git.sha256, "size": m.git.size, "tips": dict(m.git.tips)},
+        "trust_update": m.trust is not None,
+    }

@@ -1,0 +1,134 @@
+"""``gitops-bundle``: the workstation's command line. The only place that prints and exits.
+
+Errors from both trees (``bundler.errors.BuildError``, ``applier.errors.ApplierError``)
+become one line on stderr and their exit code; see README "Exit codes".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from applier import _log
+from applier.cli import run_cli
+from applier.errors import ApplierError
+from bundler.build import (
+    BuildOptions,
+    add_signature,
+    build,
+    inspect_bundle,
+    parse_duration,
+    verify_bundle,
+)
+from bundler.errors import BuildError
+from bundler.signing import PASSPHRASE_ENV, load_signing_key, passphrase_for
+
+PROG = "gitops-bundle"
+
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks.")
+@click.version_option(package_name="gitops-airgap", prog_name=PROG)
+def cli(verbose: bool) -> None:
+    """Build, sign, verify and inspect GitOps bundles for offline hosts."""
+    _log.setup(PROG, verbose)
+
+
+@cli.command("build")
+@click.argument("repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."))
+@click.option("--rev", default="HEAD", show_default=True, help="The commit to build.")
+@click.option("--path", "subpath", default="", help="Repo subdirectory holding gitops.yaml.")
+@click.option("--key", "key_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help=f"OpenSSH Ed25519 private key (passphrase from ${PASSPHRASE_ENV} or a "
+                   "prompt).")
+@click.option("-o", "--output", "out", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Bundle file: .tar, .tar.gz or .tar.zst.")
+@click.option("--expires", metavar="DURATION", help="Hosts refuse it after e.g. 90s, 12h, 30d.")
+@click.option("--sequence", type=int, help="Override the monotonic sequence number.")
+@click.option("--compression", type=click.Choice(["none", "gzip", "zstd"]),
+              help="Default: from the output file name.")
+@click.option("--host", "hosts", multiple=True, help="Only these hosts (repeatable).")
+@click.option("--jobs", type=int, help="Rendering processes (default: by fleet size).")
+def build_cmd(repo: Path, rev: str, subpath: str, key_path: Path, out: Path,
+              expires: str | None, sequence: int | None, compression: str | None,
+              hosts: tuple[str, ...], jobs: int | None) -> None:
+    """Turn one commit of REPO into one signed, reproducible bundle."""
+    key = load_signing_key(key_path, passphrase_for(key_path))
+    result = build(BuildOptions(
+        repo=repo, out=out, rev=rev, subpath=subpath,
+        expires=parse_duration(expires) if expires else None, sequence=sequence,
+        compression=compression, hosts=hosts or None, jobs=jobs), key)
+    m = result.manifest
+    files = sum(len(h.files) for h in m.hosts.values())
+    click.echo(f"built {result.path} ({result.size} bytes): bundle {m.bundle_id}, commit "
+               f"{m.source.commit[:12]} \"{m.source.subject}\", {len(m.hosts)} host(s), "
+               f"{files} file(s), {len(m.blobs)} distinct blob(s), signed by "
+               f"{key.fingerprint}")
+
+
+@cli.command("sign")
+@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--key", "key_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Co-signer's private key.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here instead of replacing BUNDLE.")
+def sign_cmd(bundle: Path, key_path: Path, out: Path | None) -> None:
+    """Add a signature to BUNDLE without changing its manifest (k-of-n co-signing)."""
+    key = load_signing_key(key_path, passphrase_for(key_path))
+    m = add_signature(bundle, key, out or bundle)
+    click.echo(f"signed bundle {m.bundle_id} with {key.fingerprint} -> {out or bundle}")
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--allowed-signers", required=True,
+              type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--threshold", type=int, default=1, show_default=True)
+def verify_cmd(bundle: Path, allowed_signers: Path, threshold: int) -> None:
+    """Check BUNDLE's signatures against ALLOWED_SIGNERS and every member's digest."""
+    v = verify_bundle(bundle, allowed_signers, threshold)
+    who = ", ".join(f"{','.join(s.principals)} ({s.fingerprint})" for s in v.signers)
+    click.echo(f"OK: bundle {v.manifest.bundle_id} (commit {v.manifest.source.commit[:12]}) "
+               f"signed by {who}")
+
+
+def _iso(t: int | None) -> str:
+    return "never" if t is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
+
+
+@cli.command("inspect")
+@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(bundle: Path, as_json: bool) -> None:
+    """Show what BUNDLE holds: commit, signers, hosts, files and sizes."""
+    info = inspect_bundle(bundle)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    src = info["source"]
+    click.echo(f"bundle    {info['bundle_id']} (sequence {info['sequence']}, "
+               f"{info['compression']})")
+    click.echo(f"commit    {src['commit']} on {src['branch'] or '-'}: {src['subject']}")
+    click.echo(f"author    {src['author']}")
+    click.echo(f"created   {_iso(info['created'])}, expires {_iso(info['expires'])}")
+    click.echo(f"signed by {', '.join(info['signers'])}")
+    click.echo(f"payload   {info['blobs']} blob(s), {info['payload_size']} bytes")
+    for name, host in info["hosts"].items():
+        click.echo(f"host {name}: {len(host['files'])} file(s), {host['total_size']} bytes")
+        for f in host["files"]:
+            click.echo(f"  {f['mode']} {f['owner']}:{f['group']} {f['size']:>9} {f['path']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(cli, PROG, argv, (BuildError, ApplierError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
