@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from factory import KeyPair, make_key
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +97,20 @@ def systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Systemctl:
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}:/usr/sbin:/sbin")
     return Systemctl(bindir, log)
+
+
+def systemd_analyze_verify(root: Path, *units: str) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze verify --root=ROOT UNIT...`` with the distribution's units copied in.
+
+    Under --root, systemd resolves every dependency (sysinit.target...) and every
+    ExecStart binary inside the root, so the root needs the system's unit files; the
+    binaries the units name are the ones the applied bundle put there.
+    """
+    analyze = require_tool("systemd-analyze")
+    system_units = Path("/usr/lib/systemd/system")
+    target = root / "usr/lib/systemd/system"
+    if system_units.is_dir() and not target.exists():
+        shutil.copytree(system_units, target, symlinks=True)
+    return subprocess.run([analyze, "verify", f"--root={root}", *units], capture_output=True,
+                          text=True, check=False,
+                          env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})
