@@ -23,7 +23,7 @@ DEFAULT_PREFIXES: tuple[str, ...] = ("/etc", "/opt", "/usr/local", "/srv", "/var
 PROTECTED: tuple[str, ...] = ("/etc/gitops-apply", "/var/lib/gitops-apply")
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _KEYS = {"host", "retain", "allowed_signers", "threshold", "allowed_prefixes", "clock_skew",
-         "allow_special_modes", "drift", "metrics_file", "command_timeout"}
+         "allow_special_modes", "drift", "metrics_file"}
 
 
 @dataclass(frozen=True)
