@@ -1,0 +1,477 @@
+"""Render one commit's fleet: every host's files as manifest entries plus their contents.
+
+For: reading ``gitops.yaml``, ``vars/*.yaml`` and templates FROM ONE GIT COMMIT (never
+the working tree, so an uncommitted edit cannot leak into a signed bundle), rendering
+each host's files with Jinja2, hashing static files by streaming them, and returning
+a ``Fleet``: one ``applier.manifest.HostEntry`` per host and a content table keyed by
+SHA-256 (rendered bytes, or a reference to a git blob that the writer streams later).
+
+Not for: writing the tar, signing, or the history bundle (the builder does those with
+``Fleet.contents`` and ``GitRepo.create_bundle``); parsing rules (``config.py``).
+
+Templates are ``src`` paths ending in ``.j2``; everything else is shipped byte for byte.
+Template names in ``{% include %}``/``{% import %}`` are paths from the directory that
+holds ``gitops.yaml``. Templates see the host's merged variables plus ``host`` (its
+name), ``groups`` (its groups), ``hosts`` (every host name) and ``hostvars`` (every
+host's variables), and a ``quote`` filter (POSIX shell quoting). The environment is
+sandboxed and immutable: a template cannot change data another host sees, so the
+result does not depend on render order or on ``jobs``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import math
+import multiprocessing
+import os
+import posixpath
+import shlex
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from applier.errors import ManifestError
+from applier.manifest import Command, FileEntry, HostEntry, check_target_path
+from bundler.config import (
+    CONFIG_NAME,
+    VARS_DIR,
+    FileSpec,
+    RepoConfig,
+    group_vars_path,
+    host_vars_path,
+    parse_vars_file,
+)
+from bundler.errors import (
+    MissingSourceError,
+    RepoConfigError,
+    RepoError,
+    TemplateRenderError,
+)
+from bundler.git import DEFAULT_CHUNK, BlobReader, GitRepo, TreeEntry, normalise_subpath
+
+logger = logging.getLogger(__name__)
+
+# Below this many hosts a process pool costs more (start-up, pickling) than it saves.
+PARALLEL_THRESHOLD = 16
+_CHUNKS_PER_JOB = 4
+
+
+# -- what the renderer hands to the writer -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RenderedContent:
+    """Bytes a template rendered: small, held in memory."""
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def chunks(self, reader: BlobReader, chunk: int = DEFAULT_CHUNK) -> Iterator[bytes]:
+        del reader  # same signature as BlobContent.chunks; nothing to read
+        for start in range(0, len(self.data), chunk):
+            yield self.data[start:start + chunk]
+
+
+@dataclass(frozen=True)
+class BlobContent:
+    """A static file: a git blob of the commit, streamed when the tar is written."""
+
+    oid: str
+    size: int
+
+    def chunks(self, reader: BlobReader, chunk: int = DEFAULT_CHUNK) -> Iterator[bytes]:
+        yield from reader.stream(self.oid, chunk)
+
+
+Content = RenderedContent | BlobContent
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Every selected host's files (sorted by path) and the contents they name."""
+
+    commit: str
+    path: str  # the subdirectory of the repo that holds gitops.yaml ('' = root)
+    config_path: str  # repo-relative, e.g. "infra/gitops.yaml"
+    hosts: Mapping[str, HostEntry]
+    contents: Mapping[str, Content]
+    warnings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, host in self.hosts.items():
+            for f in host.files:
+                content = self.contents.get(f.sha256)
+                if content is None or content.size != f.size:
+                    raise RepoError(f"internal: {name}:{f.path} has no matching content")
+
+
+# -- the job shipped to every worker --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    repo: GitRepo
+    commit: str
+    prefix: str  # "infra/" or ""
+    tree: Mapping[str, TreeEntry]
+    config: RepoConfig
+    hostvars: Mapping[str, Mapping[str, Any]]
+    static: Mapping[str, tuple[str, int]]  # blob oid -> (sha256, size)
+
+
+@dataclass(frozen=True)
+class _HostResult:
+    name: str
+    entry: HostEntry
+    rendered: dict[str, bytes] = field(default_factory=dict)
+
+
+def render_fleet(
+    repo: GitRepo,
+    commit: str,
+    subpath: str = "",
+    hosts: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+    jobs: int | None = None,
+) -> Fleet:
+    """Render every host (or only ``hosts``) of the fleet defined at ``commit:subpath``.
+
+    ``progress`` is called with the number of hosts just finished (tqdm's ``update``).
+    ``jobs`` worker processes render hosts in chunks; by default one per CPU when there
+    are more than ``PARALLEL_THRESHOLD`` hosts. The result does not depend on ``jobs``.
+    """
+    commit = repo.resolve(commit)
+    sub = normalise_subpath(subpath)
+    prefix = f"{sub}/" if sub else ""
+    config_path = prefix + CONFIG_NAME
+    tree = repo.list_tree(commit, sub)
+    warnings: list[str] = []
+
+    with repo.blob_reader() as reader:
+        config = RepoConfig.parse(_read_config(tree, reader, config_path, commit),
+                                  config_path)
+        selected = _select(config, hosts)
+        var_files = _read_var_files(config, tree, reader, prefix, warnings)
+        hostvars = {name: config.vars_for(name, var_files) for name in config.hosts}
+        specs = [s for s in config.files
+                 if any(s.selects(config.hosts[h]) for h in selected)]
+        if hosts is None:
+            warnings.extend(f"{s.where()}: selects no host" for s in config.files
+                            if s not in specs)
+        static: dict[str, tuple[str, int]] = {}
+        for spec in specs:
+            entry = _source(spec, tree, prefix, commit)
+            if not spec.is_template and entry.oid not in static:
+                # Streamed through the batch reader: a 1 GiB file is never in memory.
+                static[entry.oid] = reader.hash(entry.oid)
+
+    job = _Job(repo=repo, commit=commit, prefix=prefix, tree=tree, config=config,
+               hostvars=hostvars, static=static)
+    if jobs is None:
+        jobs = (os.cpu_count() or 1) if len(selected) > PARALLEL_THRESHOLD else 1
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
+    results = _run(job, selected, jobs, progress)
+
+    contents: dict[str, Content] = {}
+    for oid, (digest, size) in static.items():
+        contents[digest] = BlobContent(oid=oid, size=size)
+    for result in results:
+        for digest, data in result.rendered.items():
+            contents.setdefault(digest, RenderedContent(data))
+        if not result.entry.files:
+            warnings.append(f"{config_path}: host {result.name!r} gets no files")
+    host_entries = {r.name: r.entry for r in sorted(results, key=lambda r: r.name)}
+    used = {f.sha256 for e in host_entries.values() for f in e.files}
+    logger.info("rendered %d hosts, %d distinct contents from %s at %s", len(host_entries),
+                len(used), config_path, commit[:12])
+    return Fleet(
+        commit=commit, path=sub, config_path=config_path, hosts=host_entries,
+        contents={d: contents[d] for d in sorted(used)}, warnings=tuple(warnings),
+    )
+
+
+# -- reading the commit ------------------------------------------------------------------
+
+
+def _read_config(tree: Mapping[str, TreeEntry], reader: BlobReader, config_path: str,
+                 commit: str) -> bytes:
+    entry = tree.get(CONFIG_NAME)
+    if entry is None:
+        raise RepoConfigError(f"{config_path}: not found in commit {commit[:12]}")
+    if not entry.is_regular:
+        raise RepoConfigError(f"{config_path}: is {entry.kind} in commit {commit[:12]}")
+    return reader.read(entry.oid)
+
+
+def _select(config: RepoConfig, hosts: Sequence[str] | None) -> list[str]:
+    if hosts is None:
+        return list(config.hosts)
+    selected: list[str] = []
+    for name in hosts:
+        if name not in config.hosts:
+            close = difflib.get_close_matches(name, list(config.hosts), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RepoConfigError(f"{config.path}: unknown host {name!r}{hint}")
+        if name not in selected:
+            selected.append(name)
+    return selected
+
+
+def _read_var_files(config: RepoConfig, tree: Mapping[str, TreeEntry], reader: BlobReader,
+                    prefix: str, warnings: list[str]) -> dict[str, dict[str, Any]]:
+    expected = {host_vars_path(h) for h in config.hosts}
+    expected |= {group_vars_path(g) for g in config.groups}
+    out: dict[str, dict[str, Any]] = {}
+    for path, entry in tree.items():
+        if posixpath.dirname(path) != VARS_DIR or not path.endswith((".yaml", ".yml")):
+            continue
+        if path not in expected:
+            # A misspelt vars/frodoo.yaml would otherwise be silently ignored.
+            close = difflib.get_close_matches(path, sorted(expected), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            warnings.append(f"{prefix}{path}: matches no host or group{hint}")
+            continue
+        if not entry.is_regular:
+            raise RepoConfigError(f"{prefix}{path}: is {entry.kind}; vars files must be "
+                                  "regular files")
+        out[path] = parse_vars_file(reader.read(entry.oid), prefix + path)
+    return out
+
+
+def _source(spec: FileSpec, tree: Mapping[str, TreeEntry], prefix: str,
+            commit: str) -> TreeEntry:
+    entry = tree.get(spec.src)
+    where = spec.where("src")
+    if entry is None:
+        if any(p.startswith(spec.src + "/") for p in tree):
+            raise MissingSourceError(f"{where}: {spec.src!r} is a directory; list its files "
+                                     "one by one")
+        close = difflib.get_close_matches(spec.src, list(tree), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise MissingSourceError(f"{where}: {prefix}{spec.src} does not exist in commit "
+                                 f"{commit[:12]}{hint}")
+    if not entry.is_regular:
+        raise MissingSourceError(f"{where}: {prefix}{spec.src} is {entry.kind} in commit "
+                                 f"{commit[:12]}; only regular files can be shipped")
+    return entry
+
+
+# -- rendering, in this process or a worker ------------------------------------------------
+
+
+def _run(job: _Job, names: list[str], jobs: int,
+         progress: Callable[[int], None] | None) -> list[_HostResult]:
+    if jobs == 1 or len(names) <= 1:
+        with job.repo.blob_reader() as reader:
+            renderer = _Renderer(job, reader)
+            results = []
+            for name in names:
+                results.append(renderer.host(name))
+                if progress is not None:
+                    progress(1)
+            return results
+    size = max(1, math.ceil(len(names) / (jobs * _CHUNKS_PER_JOB)))
+    chunks = [names[i:i + size] for i in range(0, len(names), size)]
+    # forkserver/spawn rather than fork: the parent may hold pipes to git processes
+    # and threads (tqdm), which a forked child would inherit.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    by_chunk: dict[int, list[_HostResult]] = {}
+    logger.debug("rendering %d hosts in %d chunks on %d processes", len(names), len(chunks),
+                 jobs)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=context,
+                             initializer=_init_worker, initargs=(job,)) as pool:
+        futures = {pool.submit(_render_chunk, chunk): i for i, chunk in enumerate(chunks)}
+        for future in as_completed(futures):
+            i = futures[future]
+            by_chunk[i] = future.result()
+            if progress is not None:
+                progress(len(chunks[i]))
+    return [r for i in range(len(chunks)) for r in by_chunk[i]]
+
+
+_WORKER: dict[str, _Job] = {}
+
+
+def _init_worker(job: _Job) -> None:
+    # The job (tree, config, every host's vars) is sent once per worker, not per chunk.
+    _WORKER["job"] = job
+
+
+def _render_chunk(names: list[str]) -> list[_HostResult]:
+    job = _WORKER["job"]
+    with job.repo.blob_reader() as reader:
+        renderer = _Renderer(job, reader)
+        return [renderer.host(name) for name in names]
+
+
+class _CommitLoader(jinja2.BaseLoader):
+    """Templates from the commit's tree: names are paths from gitops.yaml's directory."""
+
+    def __init__(self, job: _Job, reader: BlobReader) -> None:
+        self._job = job
+        self._reader = reader
+        self.served: set[str] = set()  # display names, to find template frames
+
+    def get_source(self, environment: jinja2.Environment, template: str,
+                   ) -> tuple[str, str, Callable[[], bool]]:
+        name = posixpath.normpath(template)
+        entry = self._job.tree.get(name)
+        if entry is None or name.startswith(("/", "../")):
+            raise jinja2.TemplateNotFound(template)
+        display = self._job.prefix + name
+        if not entry.is_regular:
+            raise jinja2.TemplateNotFound(template, f"{display} is {entry.kind}")
+        try:
+            source = self._reader.read(entry.oid).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TemplateRenderError(f"{display}: not UTF-8 text (byte {e.start})") from e
+        self.served.add(display)
+        return source, display, lambda: True
+
+
+class _Renderer:
+    """Renders hosts one by one with one environment (templates compile once)."""
+
+    def __init__(self, job: _Job, reader: BlobReader) -> None:
+        self._job = job
+        self._loader = _CommitLoader(job, reader)
+        self._env = ImmutableSandboxedEnvironment(
+            loader=self._loader,
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=True,
+            autoescape=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            auto_reload=False,
+            cache_size=-1,
+        )
+        self._env.filters["quote"] = shlex.quote
+        self._inline: dict[str, jinja2.Template] = {}
+        self._all_hosts = list(job.config.hosts)
+
+    def host(self, name: str) -> _HostResult:
+        job = self._job
+        spec = job.config.hosts[name]
+        context = dict(job.hostvars[name])
+        context.update(host=name, groups=list(spec.groups), hosts=self._all_hosts,
+                       hostvars=job.hostvars)
+        files: dict[str, tuple[FileSpec, FileEntry]] = {}
+        rendered: dict[str, bytes] = {}
+        for fspec in job.config.files:
+            if not fspec.selects(spec):
+                continue
+            entry = self._file(fspec, name, context, rendered)
+            if entry.path in files:
+                other = files[entry.path][0]
+                raise RepoConfigError(
+                    f"{fspec.where('dest')}: {entry.path} for host {name} is also the dest "
+                    f"of {other.label} (line {other.lines.get('dest', '?')})")
+            files[entry.path] = (fspec, entry)
+        try:
+            host_entry = HostEntry(tuple(files[p][1] for p in sorted(files)))
+        except ManifestError as e:
+            raise RepoConfigError(f"{job.config.path}: host {name}: {e}") from e
+        return _HostResult(name=name, entry=host_entry, rendered=rendered)
+
+    def _file(self, fspec: FileSpec, host: str, context: dict[str, Any],
+              rendered: dict[str, bytes]) -> FileEntry:
+        job = self._job
+        dest = self._inline_render(fspec.dest, fspec.where("dest"), host, context)
+        try:
+            check_target_path(dest)
+        except ManifestError as e:
+            raise RepoConfigError(f"{fspec.where('dest')}: {dest!r} (host {host}) is not an "
+                                  "absolute, normalised file path") from e
+        source = job.tree[fspec.src]
+        if fspec.is_template:
+            data = self._template_render(fspec.src, host, context).encode("utf-8")
+            digest = hashlib.sha256(data).hexdigest()
+            rendered[digest] = data
+            size = len(data)
+        else:
+            digest, size = job.static[source.oid]
+        mode = fspec.mode if fspec.mode is not None else (
+            0o755 if source.is_executable else 0o644)
+        commands = {
+            name: tuple(
+                Command(run=self._inline_render(c.run, fspec.where(f"{name}[{i}]"), host,
+                                                context),
+                        timeout=c.timeout, retries=c.retries, delay=c.delay)
+                for i, c in enumerate(getattr(fspec, name))
+            )
+            for name in ("validate", "check", "on_change", "health")
+        }
+        try:
+            return FileEntry(path=dest, sha256=digest, size=size, mode=mode, owner=fspec.owner,
+                             group=fspec.group, drift=fspec.drift, **commands)
+        except ManifestError as e:
+            raise RepoConfigError(f"{fspec.where()}: host {host}: {e}") from e
+
+    def _template_render(self, name: str, host: str, context: dict[str, Any]) -> str:
+        display = self._job.prefix + name
+        try:
+            return self._env.get_template(name).render(context)
+        except RepoError:
+            raise
+        except Exception as e:  # templates are user code: any error is theirs
+            raise self._error(e, host, display) from e
+
+    def _inline_render(self, text: str, where: str, host: str, context: dict[str, Any]) -> str:
+        """A ``dest`` or command string: a Jinja template only if it has ``{{``/``{%``."""
+        if "{{" not in text and "{%" not in text and "{#" not in text:
+            return text
+        try:
+            template = self._inline.get(text)
+            if template is None:
+                template = self._inline[text] = self._env.from_string(text)
+            out = template.render(context)
+        except RepoError:
+            raise
+        except Exception as e:  # see _template_render
+            raise self._error(e, host, where, inline=True) from e
+        if "\n" in out or not out.strip():
+            raise RepoConfigError(f"{where}: renders to {out!r} for host {host}")
+        return out
+
+    def _error(self, e: Exception, host: str, fallback: str,
+               *, inline: bool = False) -> TemplateRenderError:
+        """One line: 'templates/x.j2:14: 'port' is undefined (host frodo)'."""
+        if isinstance(e, jinja2.TemplateSyntaxError) and e.filename and e.lineno:
+            where = f"{e.filename}:{e.lineno}"
+        else:
+            where = _template_frame(e, self._loader.served) or fallback
+        if inline and where != fallback:
+            where = f"{fallback} -> {where}"  # e.g. a macro imported into a dest
+        if isinstance(e, jinja2.TemplateNotFound) and not isinstance(
+                e, jinja2.TemplatesNotFound):
+            what = (f"template {e.name!r} not found" if e.message == e.name
+                    else f"template {e.name!r}: {e.message}")
+        elif isinstance(e, jinja2.TemplateSyntaxError):
+            what = f"syntax error: {e.message}"
+        elif isinstance(e, jinja2.UndefinedError | SecurityError):
+            what = e.message or str(e)
+        else:
+            what = f"{type(e).__name__}: {e}"
+        return TemplateRenderError(f"{where}: {what} (host {host})")
+
+
+def _template_frame(e: BaseException, served: set[str]) -> str | None:
+    """The innermost template line in the traceback (Jinja rewrites frames to them)."""
+    found = None
+    for frame in traceback.extract_tb(e.__traceback__):
+        if frame.filename in served and frame.lineno:
+            found = f"{frame.filename}:{frame.lineno}"
+    return found
