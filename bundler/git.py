@@ -312,7 +312,7 @@ class GitRepo:
             _run_isolated("-C", str(scratch), "update-ref", ref_name, commit)
             _run_isolated("-C", str(scratch), "-c", "pack.threads=1",
                           "bundle", "create", "--quiet", str(out), ref_name)
-        logger.info("wrote history bundle %s (%s -> %s)", out, ref_name, commit[:12])
+        logger.debug("wrote history bundle %s (%s -> %s)", out, ref_name, commit[:12])
         return {ref_name: commit}
 
 

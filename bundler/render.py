@@ -194,7 +194,7 @@ def render_fleet(
             warnings.append(f"{config_path}: host {result.name!r} gets no files")
     host_entries = {r.name: r.entry for r in sorted(results, key=lambda r: r.name)}
     used = {f.sha256 for e in host_entries.values() for f in e.files}
-    logger.info("rendered %d hosts, %d distinct contents from %s at %s", len(host_entries),
+    logger.debug("rendered %d hosts, %d distinct contents from %s at %s", len(host_entries),
                 len(used), config_path, commit[:12])
     return Fleet(
         commit=commit, path=sub, config_path=config_path, hosts=host_entries,
