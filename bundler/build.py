@@ -103,8 +103,11 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
     if dirty:
         logger.warning("the working tree has uncommitted changes; they are NOT in the bundle "
                        "(building commit %s)", commit[:12])
-    fleet = render_fleet(repo, commit, opts.subpath, hosts=list(opts.hosts) if opts.hosts
-                         else None, jobs=opts.jobs)
+    with tqdm(desc="rendering", unit="host", file=sys.stderr, leave=False,
+              disable=not sys.stderr.isatty()) as bar:
+        fleet = render_fleet(repo, commit, opts.subpath,
+                             hosts=list(opts.hosts) if opts.hosts else None, jobs=opts.jobs,
+                             progress=bar.update)
     for w in fleet.warnings:
         logger.warning("%s", w)
     sequence = opts.sequence if opts.sequence is not None else repo.count_commits(commit)

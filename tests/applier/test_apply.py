@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Systemctl
-from factory import BundleSpec, FileSpec, KeyPair, snapshot, write_allowed_signers
 
 from applier.apply import Host, init_host
 from applier.errors import (
@@ -15,8 +13,12 @@ from applier.errors import (
     HostNotInBundleError,
     NoRollbackTargetError,
     ReplayError,
+    StateError,
     ValidationFailedError,
 )
+
+from conftest import Systemctl
+from factory import BundleSpec, FileSpec, KeyPair, snapshot, write_allowed_signers
 
 NGINX = "/etc/nginx/nginx.conf"
 SITE = "/etc/nginx/conf.d/app.conf"
@@ -145,3 +147,25 @@ def test_status_json_shape(root: Path, tmp_path: Path, signing_key: KeyPair,
     status = json.loads(json.dumps(Host(root).status()))
     assert status["current"]["sequence"] == 1
     assert status["last_result"]["result"] == "ok"
+
+
+def test_retention_keeps_the_last_n_and_rollback_to_any_of_them(
+        tmp_path: Path, signing_key: KeyPair, systemctl: Systemctl) -> None:
+    root = tmp_path / "frodo"
+    signers = write_allowed_signers(tmp_path / "allowed_signers", signing_key)
+    init_host(root, "frodo", signers, retain=3)
+    host = Host(root)
+    for seq in range(1, 6):
+        host.apply(spec(seq, site=f"server {{ listen {8000 + seq}; }}\n".encode())
+                   .write(tmp_path / f"b{seq}.tar", signing_key))
+    retained = [r["sequence"] for r in host.status()["retained"]]
+    assert retained == [3, 4, 5]
+    # Content only the dropped bundles used is gone from the store.
+    objects = {p.name for p in (root / "var/lib/gitops-apply/objects").rglob("*")
+               if p.is_file()}
+    site1 = spec(1, site=b"server { listen 8001; }\n").manifest().hosts["frodo"].by_path()[SITE]
+    assert site1.sha256 not in objects
+    host.rollback(to=host.status()["retained"][0]["bundle_id"])
+    assert read(root, SITE) == b"server { listen 8003; }\n"
+    with pytest.raises(StateError, match="no retained bundle"):
+        host.rollback(to="1-")
