@@ -389,7 +389,7 @@ class _Renderer:
     def _file(self, fspec: FileSpec, host: str, context: dict[str, Any],
               rendered: dict[str, bytes]) -> FileEntry:
         job = self._job
-        dest = self._inline_render(fspec.dest, fspec.where("dest"), host, context)
+        dest = self._inline_render(fspec.dest, fspec, "dest", host, context)
         try:
             check_target_path(dest)
         except ManifestError as e:
@@ -407,8 +407,7 @@ class _Renderer:
             0o755 if source.is_executable else 0o644)
         commands = {
             name: tuple(
-                Command(run=self._inline_render(c.run, fspec.where(f"{name}[{i}]"), host,
-                                                context),
+                Command(run=self._inline_render(c.run, fspec, f"{name}[{i}]", host, context),
                         timeout=c.timeout, retries=c.retries, delay=c.delay)
                 for i, c in enumerate(getattr(fspec, name))
             )
@@ -429,7 +428,8 @@ class _Renderer:
         except Exception as e:  # templates are user code: any error is theirs
             raise self._error(e, host, display) from e
 
-    def _inline_render(self, text: str, where: str, host: str, context: dict[str, Any]) -> str:
+    def _inline_render(self, text: str, fspec: FileSpec, key: str, host: str,
+                       context: dict[str, Any]) -> str:
         """A ``dest`` or command string: a Jinja template only if it has ``{{``/``{%``."""
         if "{{" not in text and "{%" not in text and "{#" not in text:
             return text
@@ -441,9 +441,9 @@ class _Renderer:
         except RepoError:
             raise
         except Exception as e:  # see _template_render
-            raise self._error(e, host, where, inline=True) from e
+            raise self._error(e, host, fspec.where(key), inline=True) from e
         if "\n" in out or not out.strip():
-            raise RepoConfigError(f"{where}: renders to {out!r} for host {host}")
+            raise RepoConfigError(f"{fspec.where(key)}: renders to {out!r} for host {host}")
         return out
 
     def _error(self, e: Exception, host: str, fallback: str,
