@@ -657,3 +657,23 @@ def test_backup_script_and_cron_file(fleet: FleetRepo, tmp_path: Path) -> None:
     assert cron.endswith("\n")
     assert re.search(r"^30 4 \* \* \* root find /srv/backup .* -mtime \+30 -delete$", cron,
                      re.MULTILINE)
+
+
+def test_included_symlink_is_rejected(fleet: FleetRepo) -> None:
+    os.symlink("_macros.j2", fleet.root / "templates/_alias.j2")
+    fleet.write("templates/motd.j2", '{% import "templates/_alias.j2" as m %}\n')
+    fleet.commit()
+    with pytest.raises(TemplateRenderError, match=r"^templates/motd\.j2:1: template "
+                                                  r"'templates/_alias\.j2': templates/_alias\.j2 "
+                                                  r"is a symlink \(host \w+\)$"):
+        render(fleet)
+
+
+def test_submodule_src_is_rejected(fleet: FleetRepo) -> None:
+    head = fleet.git("rev-parse", "HEAD").strip()
+    fleet.git("update-index", "--add", "--cacheinfo", f"160000,{head},vendor/tool")
+    fleet.replace("gitops.yaml", "src: files/backup/exclude.txt", "src: vendor/tool")
+    fleet.git("add", "gitops.yaml")
+    fleet.git("commit", "--quiet", "-m", "submodule")
+    with pytest.raises(MissingSourceError, match=r"files\[7\]\.src: vendor/tool is a submodule"):
+        render(fleet)
