@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import logging
 import os
+import stat
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -85,6 +87,26 @@ def _decompressed(raw: BinaryIO, path: Path) -> Iterator[BinaryIO]:
         yield raw
 
 
+def _open_regular(path: Path) -> io.BufferedReader:
+    """Open a bundle only if it is a regular file.
+
+    Opening with O_NONBLOCK first: a FIFO (or a device) planted on the stick must be
+    refused, not block the host, which holds the apply lock while it reads.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise HostIOError(f"{path}: no such bundle file") from None
+    except OSError as e:
+        raise HostIOError(f"{path}: cannot read bundle: {e.strerror}") from e
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    if not regular:
+        os.close(fd)
+        raise FormatError(f"{path}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 @dataclass(frozen=True)
 class ReadResult:
     verified: VerifiedManifest
@@ -101,12 +123,7 @@ class BundleFile:
         self.compression = "none"
 
     def __enter__(self) -> BundleFile:
-        try:
-            raw = self._stack.enter_context(open(self.path, "rb"))
-        except FileNotFoundError:
-            raise HostIOError(f"{self.path}: no such bundle file") from None
-        except OSError as e:
-            raise HostIOError(f"{self.path}: cannot read bundle: {e.strerror}") from e
+        raw = self._stack.enter_context(_open_regular(self.path))
         self.compression = compression_of(raw.peek(4)[:4])
         stream = self._stack.enter_context(_decompressed(raw, self.path))
         head_limit = (2 * _tar.BLOCK + MAX_MANIFEST_SIZE + MAX_SIGNATURE_SIZE + 2 * _tar.BLOCK)
@@ -211,7 +228,7 @@ def _wrap_stream_errors(path: Path) -> Iterator[None]:
     except OSError as e:
         raise HostIOError(f"{path}: cannot read bundle: {e}") from e
     except Exception as e:  # zstandard.ZstdError has no importable base without the module
-        if type(e).__module__.startswith("zstd"):
+        if type(e).__module__.split(".")[0] == "zstandard":
             raise FormatError(f"{path}: corrupt zstd stream: {e}") from e
         raise
 
