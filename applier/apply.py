@@ -246,11 +246,15 @@ class Host:
         return manifest.hosts.get(self.config.host)
 
     def _transact(self, verified: VerifiedManifest, entry: HostEntry, staging: Path | None,
-                  purpose: str, dry_run: bool, current: Current) -> Report:
+                  purpose: str, dry_run: bool, current: Current, *,
+                  plan: Plan | None = None, audit: dict[str, Any] | None = None) -> Report:
+        # ``plan`` and ``audit``: drift repair (drift.py) passes a plan of just the
+        # drifted files and who/what to record, and otherwise goes the same way.
         m = verified.manifest
         digest = sha256_hex(verified.manifest_bytes)
-        plan = make_plan(self.layout, entry, self._old_entry(current),
-                         self.config.allowed_prefixes)
+        if plan is None:
+            plan = make_plan(self.layout, entry, self._old_entry(current),
+                             self.config.allowed_prefixes)
         signers = [describe_signer(s) for s in verified.signers]
         report = Report(purpose, m.bundle_id, plan, dry_run=dry_run, signers=signers,
                         noop=plan.empty and current.manifest_sha256 == digest)
@@ -264,7 +268,7 @@ class Host:
             report.commands += tx.rollback(lambda cmds: self._run_all(cmds, current.bundle_id))
             if purpose == "apply":
                 self.state.mark_bad(digest, str(e))
-            self._audit(purpose, m, verified, plan, report, f"failed: {e}")
+            self._audit(purpose, m, verified, plan, report, f"failed: {e}", audit)
             raise
         except BaseException:
             # Anything else (disk full, a bug, Ctrl-C): the journal says what to undo.
@@ -277,7 +281,7 @@ class Host:
         if purpose != "apply":
             self.state.clear_bad(digest)
         self.state.prune(self.config.retain, m.bundle_id)
-        self._audit(purpose, m, verified, plan, report, "ok")
+        self._audit(purpose, m, verified, plan, report, "ok", audit)
         return report
 
     def _swap(self, tx: Transaction, plan: Plan, report: Report) -> None:
@@ -330,7 +334,7 @@ class Host:
         ))
 
     def _audit(self, purpose: str, m: Manifest, verified: VerifiedManifest, plan: Plan,
-               report: Report, result: str) -> None:
+               report: Report, result: str, extra: dict[str, Any] | None = None) -> None:
         self.state.audit(
             purpose, bundle_id=m.bundle_id, sequence=m.sequence, commit=m.source.commit,
             subject=m.source.subject, author=m.source.author,
@@ -339,6 +343,7 @@ class Host:
             updated=[c.path for c in plan.by_kind("update")],
             removed=[c.path for c in plan.by_kind("remove")],
             commands=[c.to_dict() for c in report.commands], result=result,
+            **(extra or {}),
         )
 
     # -- rollback ---------------------------------------------------------------------

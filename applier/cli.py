@@ -7,21 +7,30 @@ with ``--json``. Every ``ApplierError`` becomes one line on stderr and its exit 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from applier import _log
+from applier import _log, drift, metrics
 from applier.apply import Host, Report, describe_signer, init_host
 from applier.errors import ApplierError, ExitCode
 from applier.verify import VerifiedManifest
+from applier.watch import Watcher
 
 PROG = "gitops-apply"
+logger = logging.getLogger(__name__)
+_METRICS_HELP = ("Write a Prometheus node_exporter textfile here afterwards (default: "
+                 "the host config's metrics_file).")
 
 
 def _host(ctx: click.Context) -> Host:
@@ -43,12 +52,16 @@ def _iso(t: int | None) -> str:
 @click.option("--wait", type=float, default=0.0, metavar="SECONDS",
               help="Wait up to SECONDS for another apply to release the lock.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Prometheus textfile that apply, rollback, drift and watch rewrite.")
 @click.version_option(package_name="gitops-airgap", prog_name=PROG)
 @click.pass_context
-def cli(ctx: click.Context, root: Path, wait: float, verbose: bool) -> None:
+def cli(ctx: click.Context, root: Path, wait: float, verbose: bool,
+        metrics_file: Path | None) -> None:
     """Verify and apply signed GitOps bundles on an offline host."""
     _log.setup(PROG, verbose)
-    ctx.obj = {"root": root.absolute(), "wait": wait, "verbose": verbose}
+    ctx.obj = {"root": root.absolute(), "wait": wait, "verbose": verbose,
+               "metrics_file": metrics_file}
 
 
 @cli.command()
@@ -126,10 +139,15 @@ def _print_report(report: Report, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--force", is_flag=True, help="Retry a bundle that failed here before.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
+              help=_METRICS_HELP)
 @click.pass_context
-def apply(ctx: click.Context, bundle: Path, dry_run: bool, force: bool, as_json: bool) -> None:
+def apply(ctx: click.Context, bundle: Path, dry_run: bool, force: bool, as_json: bool,
+          metrics_file: Path | None) -> None:
     """Verify BUNDLE and make this host's managed files match it, atomically."""
-    _print_report(_host(ctx).apply(bundle, dry_run=dry_run, force=force), as_json)
+    with _metrics_after(ctx, None if dry_run else metrics_file):
+        report = _host(ctx).apply(bundle, dry_run=dry_run, force=force)
+    _print_report(report, as_json)
 
 
 @cli.command()
@@ -139,7 +157,9 @@ def apply(ctx: click.Context, bundle: Path, dry_run: bool, force: bool, as_json:
 @click.pass_context
 def rollback(ctx: click.Context, to: str | None, dry_run: bool, as_json: bool) -> None:
     """Go back to the previous retained bundle (or --to one), through the same checks."""
-    _print_report(_host(ctx).rollback(to, dry_run=dry_run), as_json)
+    with _metrics_after(ctx, None):
+        report = _host(ctx).rollback(to, dry_run=dry_run)
+    _print_report(report, as_json)
 
 
 @cli.command()
@@ -159,7 +179,9 @@ def recover(ctx: click.Context) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """The current bundle, retained bundles and the last result."""
-    s = _host(ctx).status()
+    host = _host(ctx)
+    s = host.status()
+    s["drift"] = drift.status(host.layout)
     if as_json:
         _emit_json(s)
         return
@@ -178,6 +200,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for r in reversed(s["retained"]):
         mark = "*" if cur and r["bundle_id"] == cur["bundle_id"] else " "
         click.echo(f"  {mark} {r['bundle_id']}  applied {_iso(r['applied_at'])}")
+    d = s["drift"]
+    if d["last_check"] is None:
+        click.echo("drift:    never checked")
+    else:
+        click.echo(f"drift:    {d['drifted']} file(s) drifted, {d['remaining']} remaining, at "
+                   f"{_iso(d['last_check'])}; {d['saved_sets']} saved set(s)")
     if s["transaction_pending"]:
         click.echo("warning:  an interrupted transaction is pending (run: gitops-apply recover)")
 
@@ -199,13 +227,194 @@ def history(ctx: click.Context, as_json: bool) -> None:
                    + (f"  signed by {who}" if who else ""))
 
 
+# -- metrics ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _metrics_after(ctx: click.Context, explicit: Path | None) -> Iterator[None]:
+    """Write the metrics file after the command, whether it succeeded or failed."""
+    try:
+        yield
+    finally:
+        _write_metrics(ctx, explicit)
+
+
+def _write_metrics(ctx: click.Context, explicit: Path | None) -> None:
+    host = _host(ctx)
+    try:
+        path = metrics.target(host, explicit or ctx.obj.get("metrics_file"))
+        if path is not None:
+            metrics.write(host, path)
+    except ApplierError as e:
+        # Monitoring must not turn a good apply into a failed one.
+        logger.warning("cannot write metrics: %s", e)
+
+
+# -- drift --------------------------------------------------------------------------------
+
+
+def _print_drift(report: drift.DriftReport, show_diff: bool) -> None:
+    if report.bundle_id is None:
+        click.echo("no bundle applied yet: nothing to compare")
+        return
+    click.echo(f"bundle {report.bundle_id}: {report.checked} managed file(s) checked"
+               + (f", {len(report.ignored)} ignored by policy" if report.ignored else ""))
+    for d in report.drifted:
+        fixed = " [reverted]" if d.path in report.fixed else ""
+        click.echo(f"  {d.kind:<10} {d.path}  ({d.policy}) {d.reason}{fixed}")
+        if show_diff and d.diff:
+            for line in d.diff.splitlines():
+                click.echo(f"      {line}")
+    if report.repair is not None:
+        for r in report.repair.commands:
+            click.echo(f"  ran: {r.run} -> {'ok' if r.ok else r.reason}")
+    if report.saved:
+        click.echo(f"saved the overwritten versions as {report.saved} "
+                   f"(see: {PROG} drift --history)")
+    remaining = report.remaining
+    if not report.drifted:
+        click.echo("no drift")
+    elif not remaining:
+        click.echo(f"reverted {len(report.fixed)} drifted file(s)")
+    else:
+        revert = sum(1 for d in remaining if d.fixable)
+        hint = f"; run '{PROG} drift --fix' to revert" if revert else ""
+        click.echo(f"{len(remaining)} drifted file(s): {revert} to revert, "
+                   f"{len(remaining) - revert} report-only or not repairable{hint}")
+
+
+def _print_saved(sets: list[drift.SavedSet]) -> None:
+    if not sets:
+        click.echo("no saved drift versions")
+    for s in sets:
+        by = s.by.get("user", "?") + (f" (sudo from {s.by['sudo_user']})"
+                                      if s.by.get("sudo_user") else "")
+        click.echo(f"{s.id}  {_iso(s.time)}  bundle {s.bundle_id}  by {by}  "
+                   f"{len(s.files)} file(s)")
+        for f in s.files:
+            what = f.get("kind", "?")
+            if what == "file":
+                what = f"file {f['mode']} {f['owner']}:{f['group']} {f['size']} bytes"
+            elif what == "symlink":
+                what = f"symlink -> {f['link']}"
+            click.echo(f"    {f['path']}  [{f['drift']}] {what}")
+
+
+@cli.command("drift")
+@click.option("--fix", is_flag=True, help="Revert drifted files whose policy is 'revert'.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-diff", is_flag=True, help="No unified diffs of changed text files.")
+@click.option("--history", "show_history", is_flag=True,
+              help="List the out-of-band versions saved before each repair.")
+@click.option("--restore", "restore_id", metavar="ID",
+              help="Write saved set ID out (see --to) for review or a commit.")
+@click.option("--to", "to", type=click.Path(file_okay=False, path_type=Path),
+              help="With --restore: the directory to write into (default: "
+                   "./gitops-drift-ID); files land at their host paths below it.")
+@click.option("--path", "only", metavar="PATH", help="With --restore: only this file.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
+              help=_METRICS_HELP)
+@click.pass_context
+def drift_cmd(ctx: click.Context, fix: bool, as_json: bool, no_diff: bool, show_history: bool,
+              restore_id: str | None, to: Path | None, only: str | None,
+              metrics_file: Path | None) -> None:
+    """Compare the managed files with the current bundle; exit 8 if any drifted.
+
+    With --fix, files whose policy is 'revert' are restored through the same
+    transaction as an apply (validate, check, on_change of the affected files, health),
+    after their out-of-band versions are saved; 'report' files are only reported,
+    'ignore' files not even checked. --fix exits 0 when no drift remains.
+    """
+    host = _host(ctx)
+    if sum([fix, show_history, restore_id is not None]) > 1:
+        raise click.UsageError("--fix, --history and --restore are exclusive")
+    if (to is not None or only is not None) and restore_id is None:
+        raise click.UsageError("--to and --path go with --restore")
+    if show_history:
+        sets = drift.history(host.layout)
+        if as_json:
+            _emit_json([s.to_dict() for s in sets])
+        else:
+            _print_saved(sets)
+        return
+    if restore_id is not None:
+        saved, written = drift.restore(host.layout, restore_id, to, only)
+        if as_json:
+            _emit_json({"id": saved.id, "written": [str(p) for p in written]})
+        else:
+            for p in written:
+                click.echo(f"wrote {p}")
+            click.echo(f"restored {len(written)} file(s) of {saved.id}")
+        return
+    with _metrics_after(ctx, metrics_file):
+        report = (drift.fix if fix else drift.check)(host, with_diff=not no_diff)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        _print_drift(report, not no_diff)
+    if report.remaining:
+        ctx.exit(ExitCode.DRIFT)
+
+
+# -- watch --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("inboxes", nargs=-1, required=True,
+                type=click.Path(file_okay=False, path_type=Path))
+@click.option("--interval", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
+              metavar="SECONDS", help="How often to look.")
+@click.option("--settle", type=click.FloatRange(min=0.0), default=5.0, show_default=True,
+              metavar="SECONDS",
+              help="How long size and mtime must stay unchanged before a bundle is taken "
+                   "(no wait when NAME.done exists).")
+@click.option("--once", is_flag=True, help="Take what is there, then exit (for a .path unit).")
+@click.option("--json", "as_json", is_flag=True, help="With --once: outcomes as JSON.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
+              help=_METRICS_HELP)
+@click.pass_context
+def watch(ctx: click.Context, inboxes: tuple[Path, ...], interval: float, settle: float,
+          once: bool, as_json: bool, metrics_file: Path | None) -> None:
+    """Apply bundles that appear in INBOX directories (a USB stick, a drop directory).
+
+    Partial copies are never read; the newest acceptable bundle is applied; rejected
+    ones move to INBOX/rejected/ with a .reason file (under the state dir when the
+    inbox is read-only). SIGTERM stops after the current bundle.
+    """
+    host = _host(ctx)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        del frame
+        logger.info("received %s; stopping after the current bundle",
+                    signal.Signals(signum).name)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    watcher = Watcher(host, list(inboxes), settle=settle, stop=stop,
+                      on_cycle=lambda _: _write_metrics(ctx, metrics_file))
+    try:
+        outcomes = watcher.run(interval, once=once)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if once and as_json:
+        _emit_json([o.to_dict() for o in outcomes])
+    elif once:
+        for o in outcomes:
+            click.echo(f"{o.result}: {o.path}: {o.reason}")
+        if not outcomes:
+            click.echo("nothing new in " + ", ".join(map(str, inboxes)))
+
+
 def run_cli(group: click.Group, prog: str, argv: list[str] | None,
             errors: tuple[type[Exception], ...]) -> int:
     """Run a click group; map our error trees to one stderr line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args
     try:
-        group.main(args=args, prog_name=prog, standalone_mode=False)
+        # With standalone_mode=False, click returns ctx.exit(N)'s code instead of raising.
+        code = group.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as e:
         return int(e.exit_code)
     except click.ClickException as e:
@@ -227,7 +436,7 @@ def run_cli(group: click.Group, prog: str, argv: list[str] | None,
             traceback.print_exc()
         click.echo(_log.error_line(prog, f"internal error: {type(e).__name__}: {e}"), err=True)
         return ExitCode.INTERNAL
-    return ExitCode.OK
+    return code if isinstance(code, int) else ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:

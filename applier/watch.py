@@ -1,0 +1,311 @@
+"""Watch mode: take bundles from inbox directories (a USB stick, a drop directory).
+
+Each poll lists ``*.tar``, ``*.tar.gz``, ``*.tgz`` and ``*.tar.zst`` files (hidden names,
+such as rsync's temp files, are not bundles). A file is *ready* when a ``<name>.done``
+marker exists, or when its size and mtime have not changed for ``settle`` seconds
+(two polls at least): a copy in progress is never read. Ready bundles are verified
+up to their signature to learn their sequence, then tried newest first through
+``Host.apply``; the first that applies wins, the older ones are superseded.
+
+What happens to a bundle that is not applied depends on whose fault it is:
+
+* *rejected* (it failed verification, this host's policy, validation or health):
+  moved to ``INBOX/rejected/`` with the reason in ``rejected/<name>.reason``; when the
+  inbox is read-only (the shipped mount unit mounts the stick ``ro``), the reason goes
+  to ``state/watch/rejected/<name>.reason`` and the file stays where it is;
+* *skipped* (not for this host, already applied, older than what the host runs):
+  left in place, because one stick serves many hosts;
+* *deferred* (the host was busy or its disk full): retried after ``RETRY_AFTER``.
+
+Every bundle that was applied, rejected or skipped is remembered in
+``state/watch/seen.json`` by name, size and mtime, so it is never tried again, even
+by the next ``--once`` run; a bundle that failed checks is also in ``bad.json``.
+Any failure is logged and the loop goes on. ``stop`` (SIGTERM) is honoured between
+bundles: an apply in progress finishes (it is one transaction) before the loop exits.
+Not for: the apply itself (apply.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from applier import _fs
+from applier.apply import sha256_hex
+from applier.bundle import BundleFile
+from applier.errors import (
+    ApplierError,
+    HostConfigError,
+    HostIOError,
+    HostNotInBundleError,
+    LockedError,
+    ReplayError,
+    StateError,
+)
+from applier.verify import verify_manifest
+
+if TYPE_CHECKING:
+    from applier.apply import Host
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst")
+DONE = ".done"
+REJECTED = "rejected"
+RETRY_AFTER = 60.0
+MAX_SEEN = 1000
+
+Result = Literal["applied", "rejected", "skipped", "deferred"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    path: Path
+    result: Result
+    reason: str
+    bundle_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "result": self.result, "reason": self.reason,
+                "bundle_id": self.bundle_id}
+
+
+@dataclass(frozen=True)
+class Sighting:
+    size: int
+    mtime_ns: int
+    first_seen: float
+
+
+def is_bundle_name(name: str) -> bool:
+    return not name.startswith(".") and name.endswith(SUFFIXES)
+
+
+def _key(path: Path, size: int, mtime_ns: int) -> str:
+    return f"{path.resolve()}|{size}|{mtime_ns}"
+
+
+@dataclass
+class Watcher:
+    """Polls inboxes and applies what arrives. ``poll`` is one cycle; ``run`` the loop."""
+
+    host: Host
+    inboxes: list[Path]
+    settle: float = 5.0
+    stop: threading.Event = field(default_factory=threading.Event)
+    on_cycle: Callable[[list[Outcome]], None] | None = None
+    _sightings: dict[Path, Sighting] = field(default_factory=dict)
+    _deferred: dict[str, float] = field(default_factory=dict)
+
+    # -- the ledger of bundles already dealt with ------------------------------------
+
+    @property
+    def _ledger_path(self) -> Path:
+        return self.host.layout.state_dir / "watch" / "seen.json"
+
+    def _seen(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self._ledger_path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            logger.warning("%s is corrupt; starting a new one", self._ledger_path)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _remember(self, key: str, outcome: Outcome) -> None:
+        seen = self._seen()
+        seen[key] = {**outcome.to_dict(), "time": int(time.time())}
+        if len(seen) > MAX_SEEN:
+            oldest = sorted(seen, key=lambda k: seen[k].get("time", 0))
+            for k in oldest[:len(seen) - MAX_SEEN]:
+                del seen[k]
+        self._ledger_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _fs.atomic_write(self._ledger_path,
+                         json.dumps(seen, sort_keys=True, indent=1).encode() + b"\n", 0o600)
+
+    # -- one cycle -------------------------------------------------------------------
+
+    def ready(self, now: float | None = None) -> list[tuple[Path, os.stat_result]]:
+        """Bundle files whose copy is complete, not yet dealt with."""
+        now = time.monotonic() if now is None else now
+        seen = self._seen()
+        out: list[tuple[Path, os.stat_result]] = []
+        present: set[Path] = set()
+        for inbox in self.inboxes:
+            try:
+                names = sorted(os.listdir(inbox))
+            except FileNotFoundError:
+                logger.debug("inbox %s is not there (stick not mounted?)", inbox)
+                continue
+            except OSError as e:
+                logger.warning("cannot list inbox %s: %s", inbox, e.strerror)
+                continue
+            for name in names:
+                if not is_bundle_name(name):
+                    continue
+                path = inbox / name
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if not os.path.isfile(path):
+                    continue
+                present.add(path)
+                key = _key(path, st.st_size, st.st_mtime_ns)
+                if key in seen or self._deferred.get(key, 0.0) > now:
+                    continue
+                prev = self._sightings.get(path)
+                if prev is None or (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                    self._sightings[path] = Sighting(st.st_size, st.st_mtime_ns, now)
+                    prev = self._sightings[path]
+                    stable = False
+                else:
+                    stable = now - prev.first_seen >= self.settle
+                if stable or (inbox / (name + DONE)).exists():
+                    out.append((path, st))
+        for gone in set(self._sightings) - present:
+            del self._sightings[gone]
+        return out
+
+    def poll(self) -> list[Outcome]:
+        """Look once; apply the newest acceptable ready bundle. Never raises for a bundle."""
+        outcomes: list[Outcome] = []
+        candidates: list[tuple[int, int, Path, os.stat_result, str]] = []
+        for path, st in self.ready():
+            try:
+                seq, peeked = self._peek(path)
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop the loop
+                outcomes.append(self._settle_failure(path, st, e))
+                continue
+            candidates.append((seq, st.st_mtime_ns, path, st, peeked))
+        current = self.host.state.current()
+        winner: str | None = None
+        for seq, _, path, st, digest in sorted(candidates, key=lambda c: (c[0], c[1]),
+                                               reverse=True):
+            if self.stop.is_set():
+                break
+            if digest == current.manifest_sha256:
+                outcomes.append(self._done(path, st, "skipped", "already applied"))
+                continue
+            if winner is not None or seq <= current.highest_sequence:
+                why = (f"superseded by {winner}" if winner is not None else
+                       f"sequence {seq} is not above {current.highest_sequence} already "
+                       "applied")
+                outcomes.append(self._done(path, st, "skipped", why))
+                continue
+            try:
+                report = self.host.apply(path)
+            except Exception as e:  # noqa: BLE001 - keep running after any failure
+                outcomes.append(self._settle_failure(path, st, e))
+                continue
+            winner = report.bundle_id
+            outcomes.append(self._done(path, st, "applied",
+                                       f"{len(report.plan.changes)} file(s) changed",
+                                       report.bundle_id))
+            logger.info("applied %s from %s", report.bundle_id, path)
+        if outcomes and self.on_cycle is not None:
+            try:
+                self.on_cycle(outcomes)
+            except Exception:
+                logger.exception("after-cycle hook failed")
+        return outcomes
+
+    def _peek(self, path: Path) -> tuple[int, str]:
+        """The bundle's sequence and manifest digest, after its signature checked out."""
+        with BundleFile(path) as bundle:
+            manifest_bytes, sig = bundle.signed_part()
+        current = self.host.state.current()
+        verified = verify_manifest(manifest_bytes, sig, self.host.trust(),
+                                   self.host.now(current))
+        return verified.manifest.sequence, sha256_hex(manifest_bytes)
+
+    def _settle_failure(self, path: Path, st: os.stat_result, e: Exception) -> Outcome:
+        try:
+            after = os.stat(path)
+        except FileNotFoundError:
+            return Outcome(path, "deferred", "vanished while being read")
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            # Still being written after all (a copy that paused): wait for it.
+            self._sightings.pop(path, None)
+            return Outcome(path, "deferred", "changed while being read")
+        reason = str(e) if isinstance(e, ApplierError) else f"internal error: {e!r}"
+        if isinstance(e, (HostNotInBundleError, ReplayError)):
+            logger.info("skipping %s: %s", path, reason)
+            return self._done(path, st, "skipped", reason)
+        if isinstance(e, (LockedError, HostIOError, HostConfigError, StateError)) or not \
+                isinstance(e, ApplierError):
+            if not isinstance(e, ApplierError):
+                logger.error("internal error on %s", path, exc_info=e)
+            logger.warning("deferring %s: %s", path, reason)
+            self._deferred[_key(path, st.st_size, st.st_mtime_ns)] = (
+                time.monotonic() + RETRY_AFTER)
+            self._sightings.pop(path, None)
+            return Outcome(path, "deferred", reason)
+        logger.error("rejected %s: %s", path, reason)
+        where = self._move_aside(path, reason)
+        return self._done(path, st, "rejected", f"{reason} ({where})")
+
+    def _done(self, path: Path, st: os.stat_result, result: Result, reason: str,
+              bundle_id: str | None = None) -> Outcome:
+        outcome = Outcome(path, result, reason, bundle_id)
+        self._remember(_key(path, st.st_size, st.st_mtime_ns), outcome)
+        self._sightings.pop(path, None)
+        return outcome
+
+    def _move_aside(self, path: Path, reason: str) -> str:
+        """Move a rejected bundle into INBOX/rejected/ with its reason; if the inbox is
+        read-only, leave it and write the reason under the state dir."""
+        aside = path.parent / REJECTED
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        text = f"{stamp} {self.host.config.host}: {reason}\n".encode()
+        try:
+            aside.mkdir(exist_ok=True, mode=0o755)
+            _fs.atomic_write(aside / (path.name + ".reason"), text, 0o644)
+            os.replace(path, aside / path.name)
+            _fs.remove_quietly(path.parent / (path.name + DONE))
+            _fs.fsync_dir(path.parent)
+        except (OSError, HostIOError) as e:
+            err = getattr(e, "errno", None) or getattr(e.__cause__, "errno", None)
+            if err not in (errno.EROFS, errno.EACCES, errno.EPERM, None):
+                logger.warning("cannot move %s aside: %s", path, e)
+            state_aside = self.host.layout.state_dir / "watch" / REJECTED
+            state_aside.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _fs.atomic_write(state_aside / (path.name + ".reason"),
+                             text + f"file left in place: {path}\n".encode(), 0o600)
+            return f"inbox not writable; reason in {state_aside / (path.name + '.reason')}"
+        return f"moved to {aside / path.name}"
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self, interval: float = 5.0, once: bool = False) -> list[Outcome]:
+        """Poll every ``interval`` seconds until ``stop`` is set; with ``once``, take what
+        is there (waiting ``settle`` for copies to finish) and return."""
+        outcomes: list[Outcome] = []
+        if once:
+            deadline = time.monotonic() + self.settle
+            while True:
+                outcomes += self.poll()
+                pending = [p for p in self._sightings if p.exists()]
+                if not pending or time.monotonic() >= deadline + self.settle or \
+                        self.stop.is_set():
+                    return outcomes
+                self.stop.wait(min(interval, max(0.05, self.settle / 4)))
+        logger.info("watching %s every %ss", ", ".join(map(str, self.inboxes)), interval)
+        while not self.stop.is_set():
+            try:
+                outcomes += self.poll()
+            except Exception:
+                # The inbox vanished mid-poll, state unreadable...: log, wait, go on.
+                logger.exception("watch cycle failed")
+            self.stop.wait(interval)
+        logger.info("watch stopped")
+        return outcomes
