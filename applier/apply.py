@@ -29,6 +29,7 @@ from applier.errors import (
     HealthCheckError,
     HostConfigError,
     HostIOError,
+    LockedError,
     NoRollbackTargetError,
     StateError,
     ValidationFailedError,
@@ -39,7 +40,7 @@ from applier.paths import HostLayout, resolve_target
 from applier.plan import Plan, make_plan
 from applier.sshsig import AllowedSigners, VerifiedSigner
 from applier.state import Current, State
-from applier.transaction import Transaction, new_txid, recover
+from applier.transaction import Transaction, new_txid, pending, recover
 from applier.verify import TrustPolicy, VerifiedManifest, verify_manifest
 
 logger = logging.getLogger(__name__)
@@ -168,8 +169,22 @@ class Host:
 
     # -- verify -----------------------------------------------------------------------
 
+    def recover_pending(self) -> dict[str, Any] | None:
+        """The first step of every command: finish an interrupted transaction, if any.
+
+        A journal whose lock is held belongs to a live apply, not a dead one: skip it.
+        """
+        if not pending(self.layout):
+            return None
+        try:
+            with locked(self.layout, 0.0):
+                return self.recover()
+        except LockedError:
+            return None
+
     def verify(self, bundle: Path) -> VerifiedManifest:
         """Everything apply checks before it changes anything, changing nothing."""
+        self.recover_pending()
         current = self.state.current()
         now = self.now(current)
 
@@ -261,25 +276,30 @@ class Host:
         if dry_run:
             return report
         tx = Transaction(self.layout, plan, self._content(staging), purpose, m.bundle_id)
+
+        def rerun(cmds: list[Command]) -> list[commands.CommandResult]:
+            return self._run_all(cmds, current.bundle_id)
+
         try:
             if not plan.empty:
                 self._swap(tx, plan, report)
+            self._commit(verified, staging, current, tx.txid, digest)
         except (ValidationFailedError, CommandError, HealthCheckError) as e:
-            report.commands += tx.rollback(lambda cmds: self._run_all(cmds, current.bundle_id))
+            # Remembered first: a crash during the rollback must not let watch retry it.
             if purpose == "apply":
                 self.state.mark_bad(digest, str(e))
+            report.commands += tx.rollback(rerun)
             self._audit(purpose, m, verified, plan, report, f"failed: {e}", audit)
             raise
         except BaseException:
-            # Anything else (disk full, a bug, Ctrl-C): the journal says what to undo.
+            # Anything else (disk full, a bug, Ctrl-C): the journal says what to undo, and
+            # current.json whether the commit point was passed (then it rolls forward).
             if self.layout.journal.exists():
-                tx.rollback(lambda cmds: self._run_all(cmds, current.bundle_id))
+                recover(self.layout, self.state.current().txid, rerun)
             raise
-        self._commit(verified, staging, current, tx.txid, digest)
         if not plan.empty:
             tx.finish()
-        if purpose != "apply":
-            self.state.clear_bad(digest)
+        self.state.clear_bad(digest)
         self.state.prune(self.config.retain, m.bundle_id)
         self._audit(purpose, m, verified, plan, report, "ok", audit)
         return report
@@ -376,6 +396,7 @@ class Host:
     # -- read-only views ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        self.recover_pending()
         current = self.state.current()
         retained = self.state.retained()
         records = self.state.audit_records()
@@ -400,6 +421,7 @@ class Host:
         return out
 
     def history(self) -> list[dict[str, Any]]:
+        self.recover_pending()
         return self.state.audit_records()
 
 

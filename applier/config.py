@@ -23,7 +23,7 @@ DEFAULT_PREFIXES: tuple[str, ...] = ("/etc", "/opt", "/usr/local", "/srv", "/var
 PROTECTED: tuple[str, ...] = ("/etc/gitops-apply", "/var/lib/gitops-apply")
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _KEYS = {"host", "retain", "allowed_signers", "threshold", "allowed_prefixes", "clock_skew",
-         "allow_special_modes", "drift", "metrics_file"}
+         "allow_special_modes", "drift", "metrics_file", "trust_sequence"}
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,17 @@ class HostConfig:
     allow_special_modes: bool = False
     drift: dict[str, DriftPolicy] = field(default_factory=dict)
     metrics_file: str | None = None
+    # The sequence of the bundle whose trust update was adopted last (trust.py): an
+    # older rotation is never adopted again, so revoked keys stay revoked.
+    trust_sequence: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not _HOST.fullmatch(self.host):
             raise HostConfigError(f"config: host {self.host!r} is not a valid host name")
         for name, value, low, high in (("retain", self.retain, 1, 1000),
                                        ("threshold", self.threshold, 1, 100),
-                                       ("clock_skew", self.clock_skew, 0, 366 * 86400)):
+                                       ("clock_skew", self.clock_skew, 0, 366 * 86400),
+                                       ("trust_sequence", self.trust_sequence, 0, (1 << 63) - 1)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise HostConfigError(f"config: {name} must be an integer in {low}..{high}")
         if not isinstance(self.allowed_signers, str) or not self.allowed_signers:
@@ -86,6 +90,7 @@ class HostConfig:
                 allow_special_modes=d.get("allow_special_modes", False),
                 drift=dict(drift),
                 metrics_file=d.get("metrics_file"),
+                trust_sequence=d.get("trust_sequence", 0),
             )
         except HostConfigError as e:
             raise HostConfigError(f"{source}: {str(e).removeprefix('config: ')}") from None
@@ -104,6 +109,8 @@ class HostConfig:
             out["drift"] = dict(self.drift)
         if self.metrics_file is not None:
             out["metrics_file"] = self.metrics_file
+        if self.trust_sequence:
+            out["trust_sequence"] = self.trust_sequence
         return out
 
     def to_yaml(self) -> str:

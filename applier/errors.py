@@ -69,6 +69,10 @@ class SizeLimitError(FormatError):
     """A member or the decompressed stream is larger than the format allows."""
 
 
+class TrustUpdateError(VerificationError):
+    """A bundle's key rotation is not signed by a threshold of the new keys, or is invalid."""
+
+
 class ManifestError(VerificationError):
     """The (signed) manifest is malformed: bad JSON, unknown field, invalid value."""
 
