@@ -26,6 +26,7 @@ from bundler.build import (
 )
 from bundler.errors import BuildError
 from bundler.signing import PASSPHRASE_ENV, load_signing_key, passphrase_for
+from bundler.wheelhouse import wheelhouse_cmd
 
 PROG = "gitops-bundle"
 
@@ -124,6 +125,9 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
         click.echo(f"host {name}: {len(host['files'])} file(s), {host['total_size']} bytes")
         for f in host["files"]:
             click.echo(f"  {f['mode']} {f['owner']}:{f['group']} {f['size']:>9} {f['path']}")
+
+
+cli.add_command(wheelhouse_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,9 @@ class OutputError(BuildError):
     """The bundle file cannot be written (disk full, permission denied)."""
 
     exit_code = ExitCode.IO
+
+
+class WheelhouseError(BuildError):
+    """The wheelhouse for offline installs cannot be written (pip failed, no source)."""
+
+    exit_code = ExitCode.IO
