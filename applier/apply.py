@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from applier import _fs, commands, policy
+from applier import _fs, commands, policy, trust_store
 from applier.bundle import BlobSink, SinkFactory, read_bundle
 from applier.config import HostConfig
 from applier.errors import (
@@ -41,6 +41,7 @@ from applier.plan import Plan, make_plan
 from applier.sshsig import AllowedSigners, VerifiedSigner
 from applier.state import Current, State
 from applier.transaction import Transaction, new_txid, pending, recover
+from applier.trust import Rotation, check_rotation, replay_floor
 from applier.verify import TrustPolicy, VerifiedManifest, verify_manifest
 
 logger = logging.getLogger(__name__)
@@ -189,7 +190,10 @@ class Host:
         now = self.now(current)
 
         def on_manifest(verified: VerifiedManifest) -> None:
-            self._check_policy(verified, current, now, force=False)
+            rotation = check_rotation(verified, trust_store.load_root(self.layout, self.config),
+                                      now)
+            floor = replay_floor(current, rotation)
+            self._check_policy(verified, floor, self.now(floor), force=False)
 
         return read_bundle(bundle, self.trust(), now, on_manifest=on_manifest).verified
 
@@ -217,9 +221,15 @@ class Host:
             self.state.ensure()
             staging = self.layout.staging / new_txid()
             chosen: dict[str, HostEntry] = {}
+            rotations: list[Rotation] = []  # a key rotation to adopt once applied (trust.py)
 
             def on_manifest(verified: VerifiedManifest) -> SinkFactory:
-                entry = self._check_policy(verified, current, now, force)
+                nonlocal current
+                rotation = check_rotation(
+                    verified, trust_store.load_root(self.layout, self.config), now)
+                rotations.extend([rotation] if rotation is not None else [])
+                current = replay_floor(current, rotation)
+                entry = self._check_policy(verified, current, self.now(current), force)
                 chosen["entry"] = entry
                 needed = {f.sha256 for f in entry.files if not self.state.has_object(f.sha256)}
                 staging.mkdir(mode=0o700)
@@ -239,6 +249,9 @@ class Host:
                                         current)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+            if rotations and not dry_run:
+                self._config = trust_store.adopt(self.layout, self.config, self.state,
+                                                 rotations[0])
             report.recovered = recovered
             return report
 

@@ -12,6 +12,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from hostile import Outcome, frozen_host, run_apply
@@ -32,6 +33,7 @@ from factory import (
 )
 
 NOW = CREATED + 3600
+REPO = Path(__file__).resolve().parents[2]
 MOTD = "/etc/motd"
 
 
@@ -198,6 +200,8 @@ def test_rotation_needs_old_and_new_keys_then_old_key_is_revoked(
     assert snapshot(host) == before
     applied(capsys, host, both)
     cfg = config(host)
+    schema = json.loads((REPO / "schemas/config.schema.json").read_text())
+    jsonschema.validate(cfg, schema)
     assert cfg["allowed_signers"] == "allowed_signers.2"
     assert cfg["trust_sequence"] == 2
     assert (host / "etc/gitops-apply/allowed_signers.2").read_text() == signers_text(bob)
