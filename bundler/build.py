@@ -32,6 +32,7 @@ from applier.manifest import (
     GitInfo,
     Manifest,
     Source,
+    TrustUpdate,
     make_bundle_id,
 )
 from applier.sshsig import AllowedSigners, parse_signatures, signature_fingerprints, verify_one
@@ -57,6 +58,7 @@ class BuildOptions:
     compression: str | None = None
     hosts: tuple[str, ...] | None = None
     jobs: int | None = None
+    trust: TrustUpdate | None = None  # a key rotation for hosts to adopt (applier/trust.py)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,20 @@ def parse_duration(text: str) -> int:
     if seconds <= 0:
         raise BuildError("--expires: the duration must be positive")
     return seconds
+
+
+def load_trust_update(path: Path, threshold: int, reset_sequence: bool) -> TrustUpdate:
+    """A rotation from an allowed_signers file, checked as a host would parse it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise BuildError(f"--trust-update: {path}: cannot read: {e.strerror}") from e
+    signers = AllowedSigners.from_text(text, str(path))
+    keys = len({e.key.blob for e in signers.entries})
+    if keys < threshold:
+        raise BuildError(f"--trust-update: {path} has {keys} key(s), fewer than "
+                         f"--trust-threshold {threshold}")
+    return TrustUpdate(text, threshold, reset_sequence)
 
 
 def build_now() -> int:
@@ -125,7 +141,7 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
             git_sha, git_size = _fs.hash_stream(f)
         manifest = Manifest(
             bundle_id=make_bundle_id(sequence, commit), sequence=sequence, created=info.time,
-            expires=expires,
+            expires=expires, trust=opts.trust,
             source=Source(repo=repo.toplevel.name, commit=commit, tree=info.tree,
                           branch=info.branch, author=info.author, subject=info.subject,
                           path=fleet.path),

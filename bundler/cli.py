@@ -21,6 +21,7 @@ from bundler.build import (
     add_signature,
     build,
     inspect_bundle,
+    load_trust_update,
     parse_duration,
     verify_bundle,
 )
@@ -57,15 +58,26 @@ def cli(verbose: bool) -> None:
               help="Default: from the output file name.")
 @click.option("--host", "hosts", multiple=True, help="Only these hosts (repeatable).")
 @click.option("--jobs", type=int, help="Rendering processes (default: by fleet size).")
+@click.option("--trust-update", type=click.Path(dir_okay=False, path_type=Path),
+              help="Rotate hosts to this allowed_signers file (co-sign with old and new keys).")
+@click.option("--trust-threshold", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Signatures the new trust requires (with --trust-update).")
+@click.option("--reset-sequence", is_flag=True,
+              help="With --trust-update: let hosts reset their sequence high-water mark.")
 def build_cmd(repo: Path, rev: str, subpath: str, key_path: Path, out: Path,
               expires: str | None, sequence: int | None, compression: str | None,
-              hosts: tuple[str, ...], jobs: int | None) -> None:
+              hosts: tuple[str, ...], jobs: int | None, trust_update: Path | None,
+              trust_threshold: int, reset_sequence: bool) -> None:
     """Turn one commit of REPO into one signed, reproducible bundle."""
+    if trust_update is None and (reset_sequence or trust_threshold != 1):
+        raise click.UsageError("--trust-threshold and --reset-sequence need --trust-update")
+    trust = (load_trust_update(trust_update, trust_threshold, reset_sequence)
+             if trust_update is not None else None)
     key = load_signing_key(key_path, passphrase_for(key_path))
     result = build(BuildOptions(
         repo=repo, out=out, rev=rev, subpath=subpath,
         expires=parse_duration(expires) if expires else None, sequence=sequence,
-        compression=compression, hosts=hosts or None, jobs=jobs), key)
+        compression=compression, hosts=hosts or None, jobs=jobs, trust=trust), key)
     m = result.manifest
     files = sum(len(h.files) for h in m.hosts.values())
     click.echo(f"built {result.path} ({result.size} bytes): bundle {m.bundle_id}, commit "
