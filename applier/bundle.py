@@ -14,6 +14,7 @@ Not for: trust decisions (``verify.py``, ``policy.py``) or where staged bytes go
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gzip
 import hashlib
 import io
@@ -57,6 +58,22 @@ class BlobSink(Protocol):
 
 # (member name, sha256, size) -> a sink, or None to hash and discard.
 SinkFactory = Callable[[str, str, int], BlobSink | None]
+
+# (bytes just verified, payload total): a progress bar the CLI may install. A context
+# variable, so the streaming code reports progress without a parameter threaded
+# through every caller; nothing is reported unless a caller asked.
+_progress: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar(
+    "bundle_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting_progress(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Call ``callback(n, total)`` as payload bytes are verified inside this block."""
+    token = _progress.set(callback)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
 
 
 def compression_of(head: bytes) -> str:
@@ -167,6 +184,8 @@ class BundleFile:
                                               start=self.tar.position)
         expected_names = {name for name, _, _ in members}
         seen: set[str] = set()
+        report = _progress.get()
+        total = sum(size for _, _, size in members)
         with _wrap_stream_errors(self.path):
             for name, digest, size in members:
                 header = self.tar.next_header()
@@ -189,6 +208,8 @@ class BundleFile:
                     raise DigestMismatchError(
                         f"{self.path}: {name} is {header.size} bytes, manifest says {size}")
                 self._stream_member(header, digest, sink(name, digest, size) if sink else None)
+                if report is not None:
+                    report(size, total)
             extra = self.tar.next_header()
             if extra is not None:
                 what = "duplicate" if extra.name in seen else "not named by the manifest"

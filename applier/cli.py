@@ -23,6 +23,7 @@ import click
 
 from applier import _log, drift, metrics
 from applier.apply import Host, Report, describe_signer, init_host
+from applier.bundle import reporting_progress
 from applier.errors import ApplierError, ExitCode
 from applier.verify import VerifiedManifest
 from applier.watch import Watcher
@@ -44,6 +45,28 @@ def _emit_json(data: Any) -> None:
 
 def _iso(t: int | None) -> str:
     return "-" if not t else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
+
+
+@contextlib.contextmanager
+def _progress_bar(desc: str) -> Iterator[None]:
+    """A tqdm bar on stderr while a bundle's payload is verified; only on a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    try:
+        from tqdm import tqdm  # noqa: PLC0415 - optional on hosts; bars are a nicety
+    except ImportError:
+        yield
+        return
+    with tqdm(desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False) as bar:
+        def update(n: int, total: int) -> None:
+            if bar.total != total:
+                bar.total = total
+                bar.refresh()
+            bar.update(n)
+
+        with reporting_progress(update):
+            yield
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,7 +120,8 @@ def _describe_manifest(v: VerifiedManifest) -> str:
 @click.pass_context
 def verify(ctx: click.Context, bundle: Path, as_json: bool) -> None:
     """Check BUNDLE's signatures, every member, and this host's policy; change nothing."""
-    v = _host(ctx).verify(bundle)
+    with _progress_bar("verifying"):
+        v = _host(ctx).verify(bundle)
     if as_json:
         _emit_json({"bundle_id": v.manifest.bundle_id, "sequence": v.manifest.sequence,
                     "commit": v.manifest.source.commit,
@@ -145,7 +169,7 @@ def _print_report(report: Report, as_json: bool) -> None:
 def apply(ctx: click.Context, bundle: Path, dry_run: bool, force: bool, as_json: bool,
           metrics_file: Path | None) -> None:
     """Verify BUNDLE and make this host's managed files match it, atomically."""
-    with _metrics_after(ctx, None if dry_run else metrics_file):
+    with _metrics_after(ctx, None if dry_run else metrics_file), _progress_bar("verifying"):
         report = _host(ctx).apply(bundle, dry_run=dry_run, force=force)
     _print_report(report, as_json)
 
