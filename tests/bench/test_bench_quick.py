@@ -1,0 +1,34 @@
+"""Smoke test for the benchmark: ``bench/run --tiny`` runs end to end and writes its table.
+
+No timing assertions: speed is shown by ``bench/run`` and ``bench/results.md``, never
+asserted in tests. This only keeps the benchmark from rotting as the tools change.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO_ROOT, require_tool
+
+
+def test_bench_tiny_writes_results(tmp_path: Path) -> None:
+    require_tool("git")
+    require_tool("ssh-keygen")
+    out = tmp_path / "results.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "run"), "--tiny", "--repeats", "1",
+         "--no-ansible", "--work", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    for heading in ("## Machine", "## Results", "## Targets (issue 6)", "## Commands run"):
+        assert heading in text
+    for workload in ("examples", "fleet", "big"):
+        assert f"| {workload} | first apply |" in text
+        assert f"| {workload} | re-apply, nothing changed |" in text
+    assert "| fleet | build | " in text
+    assert "CPU:" in text
+    # The generated repos and roots are cleaned up; only the results and keys remain.
+    assert not (tmp_path / "work" / "big-repo").exists()
