@@ -58,13 +58,14 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644,
         os.replace(tmp, path)
         _faults.point(f"{fault}:renamed")
         fsync_dir(path.parent)
+        _faults.point(f"{fault}:synced")
     except OSError as e:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise io_error(e, f"cannot write {path}") from e
 
 
-def append_line(path: str | os.PathLike[str], line: bytes) -> None:
+def append_line(path: str | os.PathLike[str], line: bytes, fault: str = "append") -> None:
     """Append one record durably (the audit log is append-only, never rewritten)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -74,6 +75,7 @@ def append_line(path: str | os.PathLike[str], line: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        _faults.point(fault)
     except OSError as e:
         raise io_error(e, f"cannot append to {path}") from e
 

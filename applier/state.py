@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from applier import _fs
+from applier import _faults, _fs
 from applier.errors import StateError
 from applier.manifest import Manifest
 from applier.paths import HostLayout
@@ -176,6 +176,7 @@ class State:
             dst = self.object_path(src.name)
             dst.parent.mkdir(exist_ok=True, mode=0o700)
             os.replace(src, dst)
+            _faults.point("adopt-object")
             dirs.add(dst.parent)
         for d in dirs:
             _fs.fsync_dir(d)
@@ -207,7 +208,8 @@ class State:
         record = {"time": _iso(time.time()), "event": event, **fields}
         self.layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         _fs.append_line(self.layout.audit_log,
-                        json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+                        json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n",
+                        fault=f"audit-{event}")
         return record
 
     def audit_records(self) -> list[dict[str, Any]]:

@@ -5,7 +5,9 @@ before the first byte lands beside a target, ``journal.json`` is written and fsy
 with every path the transaction may create: staged temp files (``.gitops-<tx>-<n>.new``),
 backups of old versions (``.gitops-<tx>-<n>.old``, a hard link, so the old file stays
 in place until the rename) and directories it creates. Each step is then one atomic
-filesystem operation, and every state between two steps can be rolled back:
+filesystem operation, and every state between two steps can be rolled back. The
+journal names host paths (``/etc/...``), never where ``--root`` put them, so a root
+recovered under another mount point (a rescue system) is still recovered in place:
 
 * update: temp written -> ``link(target, backup)`` -> ``rename(temp, target)``
 * add:    temp written -> ``rename(temp, target)``
@@ -17,10 +19,15 @@ The transaction commits when ``current.json`` names its txid (state.py). Recover
 * if ``current.json`` holds the journal's txid: rolls *forward*, deleting backups;
 * otherwise rolls *back*: each backup is renamed over its target, each added target
   and temp is removed, created directories are removed if empty, and, if the journal
-  says services were already told (phase ``services``), their ``on_change`` commands
-  run again so they read the old files.
+  says services were already told (phase ``services``), the ``on_change`` commands run
+  again so they read the old files: the old entries' commands first (the old bundle
+  knows how to reload its own config), then any the new bundle added.
 
 Both directions are idempotent, so a crash during recovery is recovered the same way.
+Recovery also removes the leftovers of a crash that journals nothing: staged blobs
+and half-written ``.*.tmp-*`` state files. Before the journal is written, ``prepare``
+checks that every target filesystem has room for the temp copies, so running out of
+disk fails with the number of bytes needed and nothing changed.
 Not for: deciding what changes (plan.py) or policy (policy.py).
 """
 
@@ -41,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from applier import _faults, _fs
-from applier.commands import CommandResult
+from applier.commands import CommandResult, unique
 from applier.errors import DigestMismatchError, HostIOError, StateError
 from applier.manifest import Command
 from applier.paths import HostLayout
@@ -87,13 +94,24 @@ def new_txid() -> str:
     return secrets.token_hex(6)
 
 
+def _rebase(journal: Journal, path: Callable[[str], str]) -> Journal:
+    def opt(p: str | None) -> str | None:
+        return None if p is None else path(p)
+
+    ops = [Op(o.kind, o.path, o.real, opt(o.temp), opt(o.backup), o.sha256)
+           for o in journal.ops]
+    return Journal(journal.txid, journal.purpose, journal.new_bundle, ops,
+                   [path(d) for d in journal.dirs], journal.on_change, journal.phase)
+
+
 def load_journal(layout: HostLayout) -> Journal | None:
+    """The unfinished journal, if any, with its host paths placed under this root."""
     try:
         data = layout.journal.read_bytes()
     except FileNotFoundError:
         return None
     try:
-        return Journal.from_bytes(data)
+        return _rebase(Journal.from_bytes(data), lambda p: str(layout.on_disk(p)))
     except (ValueError, TypeError, KeyError) as e:
         raise StateError(f"{layout.journal}: unreadable journal ({e}); restore by hand from "
                          "the .gitops-*.old files it names") from e
@@ -101,7 +119,8 @@ def load_journal(layout: HostLayout) -> Journal | None:
 
 def write_journal(layout: HostLayout, journal: Journal) -> None:
     layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _fs.atomic_write(layout.journal, journal.to_bytes(), 0o600, fault=f"journal-{journal.phase}")
+    host = _rebase(journal, lambda p: "/" + os.path.relpath(p, layout.root))
+    _fs.atomic_write(layout.journal, host.to_bytes(), 0o600, fault=f"journal-{journal.phase}")
 
 
 class Transaction:
@@ -124,7 +143,7 @@ class Transaction:
                 sha256=change.new.sha256 if change.new else None,
             ))
         self.journal = Journal(self.txid, purpose, new_bundle, ops, self._missing_dirs(),
-                               [c.to_dict() for c in plan.commands("on_change")])
+                               [c.to_dict() for c in restore_commands(plan)])
 
     def _missing_dirs(self) -> list[str]:
         out: list[str] = []
@@ -140,6 +159,7 @@ class Transaction:
     # -- prepare: nothing a service can see changes here -------------------------------
 
     def prepare(self) -> None:
+        self._check_space()
         write_journal(self.layout, self.journal)
         try:
             for d in self.journal.dirs:
@@ -155,13 +175,38 @@ class Transaction:
             self._sync(staged)
             _faults.point("staged-synced")
         except OSError as e:
+            if e.errno == errno.ENOSPC:
+                need = sum(c.new.size for c in self.plan.changes if c.new is not None)
+                raise HostIOError(f"cannot stage files beside their targets: no space left "
+                                  f"on device (the new files need {need} bytes)") from e
             raise _fs.io_error(e, "cannot stage files beside their targets") from e
+
+    def _check_space(self) -> None:
+        """Refuse before the journal when a target filesystem cannot hold the temps."""
+        need: dict[int, tuple[str, int]] = {}
+        for change in self.plan.changes:
+            if change.new is None:
+                continue
+            d = self.layout.on_disk(change.real).parent
+            while not d.exists() and d != d.parent:
+                d = d.parent
+            dev = os.stat(d).st_dev
+            where, total = need.get(dev, (str(d), 0))
+            # A block per file on top of the bytes: small files still take one.
+            need[dev] = (where, total + change.new.size + 4096)
+        for where, total in need.values():
+            st = os.statvfs(where)
+            free = st.f_bavail * st.f_frsize
+            if total > free:
+                raise HostIOError(f"{where}: not enough space to stage the new files beside "
+                                  f"their targets: need {total} bytes, {free} free")
 
     def _stage(self, temp: str, sha256: str, mode: int, uid: int, gid: int) -> None:
         """Copy content into a fresh temp file, re-hashing it on the way (store rot)."""
         src = self.content(sha256)
         h = hashlib.sha256()
         with open(src, "rb") as fin, _fs.open_exclusive(temp, 0o600) as fout:
+            _faults.point("stage-created")
             while chunk := fin.read(_fs.CHUNK):
                 h.update(chunk)
                 fout.write(chunk)
@@ -276,6 +321,8 @@ def rollback(layout: HostLayout, journal: Journal,
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
                 raise
+        else:
+            _faults.point("rmdir")
     for d in sorted({str(Path(p).parent) for p in touched} | {str(Path(d).parent)
                                                             for d in journal.dirs}):
         with contextlib.suppress(FileNotFoundError):
@@ -317,7 +364,30 @@ def recover(layout: HostLayout, committed_txid: str | None,
             "commands": [r.to_dict() for r in results]}
 
 
+def restore_commands(plan: Plan) -> list[Command]:
+    """The ``on_change`` commands that make services re-read the old files."""
+    old = [cmd for c in plan.changes if c.old is not None for cmd in c.old.on_change]
+    new = [cmd for c in plan.changes if c.new is not None for cmd in c.new.on_change]
+    return unique(old + new)
+
+
+def pending(layout: HostLayout) -> bool:
+    """Whether a crash left anything to recover or clean (cheap: a stat and two globs)."""
+    if layout.journal.exists():
+        return True
+    staged = layout.staging.is_dir() and any(layout.staging.iterdir())
+    return staged or any(layout.state_dir.glob(".*.tmp-*")) or any(
+        layout.bundles.glob("*/.*.tmp-*"))
+
+
 def _clean_staging(layout: HostLayout) -> None:
+    """Drop what a crash leaves that no journal names: staged blobs, state temp files."""
     if layout.staging.is_dir():
         for d in layout.staging.iterdir():
             shutil.rmtree(d, ignore_errors=True)
+    if layout.state_dir.is_dir():
+        for p in layout.state_dir.glob(".*.tmp-*"):
+            _fs.remove_quietly(p)
+    if layout.bundles.is_dir():
+        for p in layout.bundles.glob("*/.*.tmp-*"):
+            _fs.remove_quietly(p)
