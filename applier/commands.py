@@ -4,14 +4,17 @@ A command is split with ``shlex`` and run without a shell, with a timeout, its
 output captured (bounded) for the audit log. ``{path}`` is replaced by the staged
 file (validate) and ``{root}`` by the host root ("" for ``/``), per argument, after
 splitting, so a placeholder can never inject extra arguments. A non-zero exit or a
-timeout is a failure, never ignored. Not for: deciding *which* commands run (plan.py).
+timeout is a failure, never ignored; a command that times out is killed with its
+whole process group. Not for: deciding *which* commands run (plan.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
@@ -21,6 +24,7 @@ from applier.manifest import Command
 
 logger = logging.getLogger(__name__)
 MAX_OUTPUT = 16 << 10
+KILL_GRACE = 5  # seconds to collect output after killing a timed-out command
 
 
 @dataclass(frozen=True)
@@ -82,19 +86,39 @@ def _run_once(cmd: Command, values: Mapping[str, str],
     if env:
         full_env.update(env)
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=cmd.timeout, env=full_env,
-                              check=False)
-    except subprocess.TimeoutExpired as e:
-        out = _text(e.output) + f"\ntimed out after {cmd.timeout}s"
-        return CommandResult(cmd.run, None, out.strip(), time.monotonic() - start)
+        # Its own session: on timeout the whole group goes, not just the first process
+        # (``sh -c "sleep 99"`` would otherwise leave the sleep running, pipe open).
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True)
     except OSError as e:
         return CommandResult(cmd.run, None, f"cannot run {argv[0]!r}: {e.strerror}",
                              time.monotonic() - start)
-    result = CommandResult(cmd.run, proc.returncode, _text(proc.stdout),
+    try:
+        stdout, _ = proc.communicate(timeout=cmd.timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        try:
+            stdout, _ = proc.communicate(timeout=KILL_GRACE)
+        except subprocess.TimeoutExpired:  # a child that left the group holds the pipe
+            stdout = b""
+        out = _text(stdout) + f"\ntimed out after {cmd.timeout}s (killed)"
+        logger.warning("%s: timed out after %ss, killed", cmd.run, cmd.timeout)
+        return CommandResult(cmd.run, None, out.strip(), time.monotonic() - start)
+    except BaseException:
+        _kill_group(proc)
+        proc.wait()
+        raise
+    result = CommandResult(cmd.run, proc.returncode, _text(stdout),
                            time.monotonic() - start)
     logger.debug("ran %s -> %s", cmd.run, proc.returncode)
     return result
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()
 
 
 def _text(data: bytes | str | None) -> str:

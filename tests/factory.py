@@ -67,11 +67,16 @@ class FileSpec:
     mode: int = 0o644
     owner: str = "root"
     group: str = "root"
-    validate: tuple[str, ...] = ()
-    check: tuple[str, ...] = ()
-    on_change: tuple[str, ...] = ()
-    health: tuple[str, ...] = ()
+    validate: tuple[str | Command, ...] = ()
+    check: tuple[str | Command, ...] = ()
+    on_change: tuple[str | Command, ...] = ()
+    health: tuple[str | Command, ...] = ()
     drift: str = "revert"
+
+
+def _commands(cmds: tuple[str | Command, ...]) -> tuple[Command, ...]:
+    """A plain string is a command with the default timeout and no retries."""
+    return tuple(Command(c) if isinstance(c, str) else c for c in cmds)
 
 
 Files = Mapping[str, Mapping[str, bytes | FileSpec]]
@@ -98,10 +103,10 @@ class BundleSpec:
                 entries.append(FileEntry(
                     path=path, sha256=hashlib.sha256(s.content).hexdigest(),
                     size=len(s.content), mode=s.mode, owner=s.owner, group=s.group,
-                    validate=tuple(Command(c) for c in s.validate),
-                    check=tuple(Command(c) for c in s.check),
-                    on_change=tuple(Command(c) for c in s.on_change),
-                    health=tuple(Command(c) for c in s.health),
+                    validate=_commands(s.validate),
+                    check=_commands(s.check),
+                    on_change=_commands(s.on_change),
+                    health=_commands(s.health),
                     drift=s.drift,  # type: ignore[arg-type]
                 ))
             hosts[host] = HostEntry(tuple(entries))
