@@ -1,0 +1,96 @@
+"""A full filesystem while staging: the host stays as it was, the message says how much.
+
+The whole host root lives on a 1 MiB tmpfs that the test mounts (root only; skipped
+elsewhere, failed in CI where the tests run as root). Two ways to run out: a file
+larger than the free space (refused before staging the blobs), and one that fits once
+but not twice, so streaming it into the state dir succeeds and the temp copy beside
+its target would not (refused before the journal, by the transaction's own check).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from applier.apply import init_host
+from applier.errors import ExitCode
+
+from factory import BundleSpec, KeyPair, snapshot, write_allowed_signers
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI runs the tests as root and must cover this")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, unmounted afterwards whatever happens."""
+    if os.geteuid() != 0:
+        _unavailable("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs",
+                           str(mnt)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        _unavailable(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+@pytest.fixture
+def root(small_fs: Path, tmp_path: Path, signing_key: KeyPair) -> Path:
+    root = small_fs / "host"
+    init_host(root, "frodo", write_allowed_signers(tmp_path / "allowed_signers", signing_key))
+    v1 = BundleSpec({"frodo": {"/etc/app.conf": b"v1\n", "/etc/motd": b"hello\n"}},
+                    sequence=1, commit="1" * 40).write(tmp_path / "v1.tar", signing_key)
+    assert apply(root, v1).returncode == 0
+    return root
+
+
+def apply(root: Path, bundle: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["gitops-apply", "--root", str(root), "apply", str(bundle)],
+                          capture_output=True, text=True, check=False)
+
+
+def big_bundle(tmp_path: Path, key: KeyPair, size: int) -> Path:
+    # Incompressible, so no filesystem trick makes it smaller.
+    blob = os.urandom(size)
+    return BundleSpec({"frodo": {"/etc/app.conf": b"v2\n", "/srv/data/big.bin": blob}},
+                      sequence=2, commit="2" * 40).write(tmp_path / "big.tar", key)
+
+
+@pytest.mark.parametrize("fraction", [pytest.param(2.0, id="larger-than-free-space"),
+                                      pytest.param(0.7, id="fits-once-not-twice")])
+def test_full_filesystem_while_staging_changes_nothing(
+        root: Path, tmp_path: Path, signing_key: KeyPair, fraction: float) -> None:
+    size = int(free_bytes(root) * fraction)
+    bundle = big_bundle(tmp_path, signing_key, size)
+    before = snapshot(root)
+    r = apply(root, bundle)
+    assert r.returncode == ExitCode.IO, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    need = re.search(r"need (\d+) bytes, (\d+) free", lines[0])
+    assert need is not None, lines[0]
+    assert int(need.group(1)) >= size > int(need.group(2))
+    assert snapshot(root) == before
+    # Nothing half-done is left for later either.
+    status = subprocess.run(["gitops-apply", "--root", str(root), "status", "--json"],
+                            capture_output=True, text=True, check=True)
+    assert '"transaction_pending": false' in status.stdout
+    assert snapshot(root) == before
