@@ -10,6 +10,7 @@ the transaction back. Not for: printing (cli.py) or the format (bundle.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -68,23 +69,41 @@ class Report:
 
 
 class _StagingSink:
-    """Writes one verified-as-it-streams blob into a private staging file."""
+    """Writes one verified-as-it-streams blob into a private staging file.
 
-    def __init__(self, path: Path) -> None:
+    Every OSError (the disk filling up part-way: at open, write or the final flush)
+    becomes a HostIOError saying how much the bundle needs, so the bundle reader does
+    not report it as a problem with the bundle.
+    """
+
+    def __init__(self, path: Path, need: int) -> None:
         self.path = path
-        self._f = _fs.open_exclusive(path, 0o600)
+        self.need = need
+        try:
+            self._f = _fs.open_exclusive(path, 0o600)
+        except OSError as e:
+            raise self._error(e) from e
+
+    def _error(self, e: OSError) -> HostIOError:
+        return _fs.io_error(e, f"cannot stage the bundle's new content in {self.path.parent} "
+                               f"(it needs {self.need} bytes)")
 
     def write(self, chunk: bytes) -> None:
         try:
             self._f.write(chunk)
         except OSError as e:
-            raise _fs.io_error(e, f"cannot stage {self.path.name}") from e
+            raise self._error(e) from e
 
     def commit(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as e:
+            _fs.remove_quietly(self.path)
+            raise self._error(e) from e
 
     def abort(self) -> None:
-        self._f.close()
+        with contextlib.suppress(OSError):  # the flush of a doomed file may fail too
+            self._f.close()
         _fs.remove_quietly(self.path)
 
 
@@ -233,12 +252,14 @@ class Host:
                 chosen["entry"] = entry
                 needed = {f.sha256 for f in entry.files if not self.state.has_object(f.sha256)}
                 staging.mkdir(mode=0o700)
-                _check_space(staging, sum(f.size for f in entry.files if f.sha256 in needed))
+                # Once per blob: a file shared by many paths is staged once.
+                need = sum({f.sha256: f.size for f in entry.files if f.sha256 in needed}.values())
+                _check_space(staging, need)
 
                 def sink(name: str, digest: str, size: int) -> BlobSink | None:
                     del size
                     if name.startswith(BLOB_PREFIX) and digest in needed:
-                        return _StagingSink(staging / digest)
+                        return _StagingSink(staging / digest, need)
                     return None
                 return sink
 

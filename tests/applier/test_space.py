@@ -94,3 +94,21 @@ def test_full_filesystem_while_staging_changes_nothing(
                             capture_output=True, text=True, check=True)
     assert '"transaction_pending": false' in status.stdout
     assert snapshot(root) == before
+
+
+def test_disk_fills_while_streaming_blobs_changes_nothing(
+        root: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    """The byte count fits, the blocks do not: each 4097-byte blob takes two pages, so
+    the free-space check passes and a write fails part-way through the bundle."""
+    pages = free_bytes(root) // 4096
+    blobs = {f"/srv/data/{i:03}.bin": os.urandom(4097) for i in range(pages // 2 + 2)}
+    bundle = BundleSpec({"frodo": blobs}, sequence=2, commit="2" * 40).write(
+        tmp_path / "many.tar", signing_key)
+    before = snapshot(root)
+    r = apply(root, bundle)
+    assert r.returncode == ExitCode.IO, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "no space left on device" in lines[0]
+    assert re.search(r"needs? \d+ bytes", lines[0]), lines[0]
+    assert snapshot(root) == before
