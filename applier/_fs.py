@@ -108,22 +108,31 @@ def open_exclusive(path: str | os.PathLike[str], mode: int = 0o600) -> BinaryIO:
 def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], mode: int) -> None:
     """Copy ``src`` to a new file ``dst`` (exclusive create), in kernel where possible."""
     with open(src, "rb") as fin, open_exclusive(dst, mode) as fout:
-        size = os.fstat(fin.fileno()).st_size
-        copied = 0
-        try:
-            while copied < size:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - copied)
-                if n == 0:
-                    break
-                copied += n
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-        if copied < size:
-            fin.seek(copied)
-            fout.seek(copied)
-            while chunk := fin.read(CHUNK):
-                fout.write(chunk)
+        copy_open(fin, fout)
+
+
+def copy_open(fin: BinaryIO, fout: BinaryIO) -> None:
+    """Copy the rest of ``fin`` into ``fout`` with copy_file_range, else in chunks.
+
+    In-kernel copying skips two trips through user space (and reflinks on filesystems
+    that can); it is refused across filesystems and by some, hence the fallback.
+    """
+    size = os.fstat(fin.fileno()).st_size
+    copied = 0
+    try:
+        while copied < size:
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), size - copied)
+            if n == 0:
+                break
+            copied += n
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    if copied < size:
+        fin.seek(copied)
+        fout.seek(copied)
+        while chunk := fin.read(CHUNK):
+            fout.write(chunk)
 
 
 def iter_chunks(f: BinaryIO, size: int) -> Iterator[bytes]:

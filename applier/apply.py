@@ -225,8 +225,9 @@ class Host:
         policy.check_expiry(m, now, self.config.clock_skew)
         policy.check_not_bad(digest, self.state.bad_bundles(), force)
         policy.check_modes(entry, self.config)
+        dirs: dict[str, str] = {}
         for f in entry.files:
-            resolve_target(self.layout, f.path, self.config.allowed_prefixes)
+            resolve_target(self.layout, f.path, self.config.allowed_prefixes, dirs)
         return entry
 
     # -- apply ------------------------------------------------------------------------

@@ -185,6 +185,7 @@ def compare(layout: HostLayout, entry: HostEntry, config: HostConfig,
     """Compare every file of ``entry`` with the disk. Reads only; ``content`` finds the
     bundle's version of a blob (for diffs)."""
     report = DriftReport(None, now)
+    dirs: dict[str, str] = {}
     for f in entry.files:
         pol = effective_policy(f, config)
         if pol == "ignore":
@@ -192,7 +193,7 @@ def compare(layout: HostLayout, entry: HostEntry, config: HostConfig,
             continue
         report.checked += 1
         try:
-            real = resolve_target(layout, f.path, config.allowed_prefixes)
+            real = resolve_target(layout, f.path, config.allowed_prefixes, dirs)
             reason = difference(layout.on_disk(real), f)
         except ApplierError as e:
             # A directory on the way became a link out of bounds, an owner vanished...:

@@ -88,16 +88,23 @@ class HostLayout:
         return "" if text == "/" else text.rstrip("/")
 
 
-def resolve_target(layout: HostLayout, path: str, prefixes: tuple[str, ...]) -> str:
+def resolve_target(layout: HostLayout, path: str, prefixes: tuple[str, ...],
+                   cache: dict[str, str] | None = None) -> str:
     """The host path a manifest target really lands on, after directory symlinks.
 
     Raises PathPolicyError if the path, or where its directories lead, is outside
     ``prefixes`` or inside the tool's own config/state, or if a directory component
-    is something other than a directory.
+    is something other than a directory. ``cache`` (directory -> resolved directory)
+    lets one operation over thousands of files resolve each directory once; keep it
+    no longer than that operation, as the disk may change between operations.
     """
     _check_prefix(path, path, prefixes)
     parent, name = posixpath.split(path)
-    real_parent = _resolve_dir(layout, parent, path)
+    real_parent = cache.get(parent) if cache is not None else None
+    if real_parent is None:
+        real_parent = _resolve_dir(layout, parent, path)
+        if cache is not None:
+            cache[parent] = real_parent
     real = posixpath.join(real_parent, name)
     if real != path:
         _check_prefix(real, path, prefixes)

@@ -122,10 +122,11 @@ def make_plan(layout: HostLayout, new: HostEntry, old: HostEntry | None,
     changes: list[Change] = []
     unchanged: list[str] = []
     real_paths: dict[str, str] = {}
+    dirs: dict[str, str] = {}
     new_paths = new.by_path()
     old_paths = old.by_path() if old is not None else {}
     for entry in new.files:
-        real = resolve_target(layout, entry.path, prefixes)
+        real = resolve_target(layout, entry.path, prefixes, dirs)
         real_paths[entry.path] = real
         why = check(real, entry)
         if why is None:
@@ -139,7 +140,7 @@ def make_plan(layout: HostLayout, new: HostEntry, old: HostEntry | None,
     for path, entry in old_paths.items():
         if path in new_paths:
             continue
-        real = resolve_target(layout, path, prefixes)
+        real = resolve_target(layout, path, prefixes, dirs)
         if os.path.lexists(layout.on_disk(real)):
             changes.append(Change("remove", path, real, None, entry, "no longer managed"))
     return Plan(tuple(changes), tuple(unchanged), real_paths)

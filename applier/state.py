@@ -170,15 +170,29 @@ class State:
                 yield p.name, p
 
     def adopt_objects(self, staged: Iterable[Path]) -> None:
-        """Move verified staged blobs into the content store (same filesystem: rename)."""
-        dirs: set[Path] = set()
+        """Move verified staged blobs into the content store (same filesystem: rename).
+
+        The store is what rollback and drift repair read later, so its files and
+        entries must be durable before the commit point: for many files one sync(2)
+        beats an fsync of each file and of up to 256 fan-out directories.
+        """
+        moved: list[Path] = []
         for src in staged:
             dst = self.object_path(src.name)
             dst.parent.mkdir(exist_ok=True, mode=0o700)
             os.replace(src, dst)
             _faults.point("adopt-object")
-            dirs.add(dst.parent)
-        for d in dirs:
+            moved.append(dst)
+        if len(moved) > 16:
+            os.sync()
+            return
+        for path in moved:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for d in {p.parent for p in moved}:
             _fs.fsync_dir(d)
 
     # -- bad bundles -------------------------------------------------------------------

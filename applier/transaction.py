@@ -202,19 +202,28 @@ class Transaction:
                                   f"their targets: need {total} bytes, {free} free")
 
     def _stage(self, temp: str, sha256: str, mode: int, uid: int, gid: int) -> None:
-        """Copy content into a fresh temp file, re-hashing it on the way (store rot)."""
+        """Copy content into a fresh temp file beside its target.
+
+        A blob staged from the bundle in this run was hashed as it streamed in, so it
+        is copied in kernel; content-store files may have rotted since they were
+        written, so those are re-hashed on the way.
+        """
         src = self.content(sha256)
+        fresh = Path(src).is_relative_to(self.layout.staging)
         h = hashlib.sha256()
         with open(src, "rb") as fin, _fs.open_exclusive(temp, 0o600) as fout:
             _faults.point("stage-created")
-            while chunk := fin.read(_fs.CHUNK):
-                h.update(chunk)
-                fout.write(chunk)
+            if fresh:
+                _fs.copy_open(fin, fout)
+            else:
+                while chunk := fin.read(_fs.CHUNK):
+                    h.update(chunk)
+                    fout.write(chunk)
             fout.flush()
             if os.geteuid() == 0:
                 os.fchown(fout.fileno(), uid, gid)
             os.fchmod(fout.fileno(), mode)
-        if h.hexdigest() != sha256:
+        if not fresh and h.hexdigest() != sha256:
             raise DigestMismatchError(f"{src}: stored content does not match {sha256}")
 
     @staticmethod
