@@ -244,11 +244,15 @@ def history(ctx: click.Context, as_json: bool) -> None:
         _emit_json(records)
         return
     for r in records:
-        files = len(r.get("added", [])) + len(r.get("updated", [])) + len(r.get("removed", []))
+        files = (len(r.get("added", [])) + len(r.get("updated", [])) + len(r.get("removed", []))
+                 + len(r.get("drifted", [])) + len(r.get("files", [])))
+        if r["event"] == "drift":
+            outcome = f"{len(r.get('drifted', []))} drifted, {len(r.get('fixed', []))} fixed"
+        else:
+            outcome = r.get("result", r.get("action", ""))
         who = ", ".join(r.get("signers", []))
         click.echo(f"{r['time']}  {r['event']:<9} {r.get('bundle_id') or '-':<24} "
-                   f"{files:>4} file(s)  {r.get('result', r.get('action', ''))}"
-                   + (f"  signed by {who}" if who else ""))
+                   f"{files:>4} file(s)  {outcome}" + (f"  signed by {who}" if who else ""))
 
 
 # -- metrics ------------------------------------------------------------------------------
