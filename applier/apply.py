@@ -26,6 +26,7 @@ from applier import _fs, commands, policy, trust_store
 from applier.bundle import BlobSink, SinkFactory, read_bundle
 from applier.config import HostConfig
 from applier.errors import (
+    ApplierError,
     CommandError,
     HealthCheckError,
     HostConfigError,
@@ -38,7 +39,7 @@ from applier.errors import (
 from applier.lock import locked
 from applier.manifest import BLOB_PREFIX, Command, HostEntry, Manifest
 from applier.paths import HostLayout, resolve_target
-from applier.plan import Plan, make_plan
+from applier.plan import CommandKind, Plan, make_plan
 from applier.sshsig import AllowedSigners, VerifiedSigner
 from applier.state import Current, State
 from applier.transaction import Transaction, new_txid, pending, recover
@@ -353,26 +354,24 @@ class Host:
                         f"{change.path}: validate '{cmd.run}' failed ({r.reason}); "
                         "nothing changed")
         tx.swap()
-        for cmd in plan.commands("check"):
-            r = commands.run(cmd, self._values(), self._env(bundle_id))
-            report.commands.append(r)
-            if not r.ok:
-                raise ValidationFailedError(
-                    f"check '{cmd.run}' failed ({r.reason}); old files restored before any "
-                    "reload")
+        self._run_phase(plan, "check", bundle_id, report, lambda cmd, r: ValidationFailedError(
+            f"check '{cmd.run}' failed ({r.reason}); old files restored before any reload"))
         tx.services_phase()
-        for cmd in plan.commands("on_change"):
-            r = commands.run(cmd, self._values(), self._env(bundle_id))
+        self._run_phase(plan, "on_change", bundle_id, report, lambda cmd, r: CommandError(
+            f"on_change '{cmd.run}' failed ({r.reason}); rolled back"))
+        self._run_phase(plan, "health", bundle_id, report, lambda cmd, r: HealthCheckError(
+            f"health check '{cmd.run}' failed after {r.attempts} attempt(s) ({r.reason}); "
+            "rolled back"), retry=True)
+
+    def _run_phase(self, plan: Plan, kind: CommandKind, bundle_id: str | None, report: Report,
+                   failure: Callable[[Command, commands.CommandResult], ApplierError],
+                   retry: bool = False) -> None:
+        """Run each of the plan's ``kind`` commands once; the first failure raises."""
+        for cmd in plan.commands(kind):
+            r = commands.run(cmd, self._values(), self._env(bundle_id), retry=retry)
             report.commands.append(r)
             if not r.ok:
-                raise CommandError(f"on_change '{cmd.run}' failed ({r.reason}); rolled back")
-        for cmd in plan.commands("health"):
-            r = commands.run(cmd, self._values(), self._env(bundle_id), retry=True)
-            report.commands.append(r)
-            if not r.ok:
-                raise HealthCheckError(
-                    f"health check '{cmd.run}' failed after {r.attempts} attempt(s) "
-                    f"({r.reason}); rolled back")
+                raise failure(cmd, r)
 
     def _commit(self, verified: VerifiedManifest, staging: Path | None, current: Current,
                 txid: str, digest: str) -> None:

@@ -183,15 +183,8 @@ class State:
             os.replace(src, dst)
             _faults.point("adopt-object")
             moved.append(dst)
-        if len(moved) > 16:
-            os.sync()
+        if _fs.make_durable(moved, threshold=16):
             return
-        for path in moved:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         for d in {p.parent for p in moved}:
             _fs.fsync_dir(d)
 

@@ -172,7 +172,7 @@ class Transaction:
                 self._stage(op.temp, change.new.sha256, change.new.mode, *ids_for(change.new))
                 staged.append(op.temp)
                 _faults.point("stage-file")
-            self._sync(staged)
+            _fs.make_durable(staged, SYNC_ALL_THRESHOLD)
             _faults.point("staged-synced")
         except OSError as e:
             if e.errno == errno.ENOSPC:
@@ -225,18 +225,6 @@ class Transaction:
             os.fchmod(fout.fileno(), mode)
         if not fresh and h.hexdigest() != sha256:
             raise DigestMismatchError(f"{src}: stored content does not match {sha256}")
-
-    @staticmethod
-    def _sync(paths: list[str]) -> None:
-        if len(paths) > SYNC_ALL_THRESHOLD:
-            os.sync()
-            return
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     def _fsync_dirs(self, paths: list[str]) -> None:
         for d in sorted({str(Path(p).parent) for p in paths}):
