@@ -319,7 +319,10 @@ class Host:
         try:
             if not plan.empty:
                 self._swap(tx, plan, report)
-            self._commit(verified, staging, current, tx.txid, digest)
+            # Re-applying the current bundle to a host that matches it writes nothing
+            # but its audit record: no new commit point, no retention work.
+            if not report.noop:
+                self._commit(verified, staging, current, tx.txid, digest)
         except (ValidationFailedError, CommandError, HealthCheckError) as e:
             # Remembered first: a crash during the rollback must not let watch retry it.
             if purpose == "apply":
@@ -335,8 +338,9 @@ class Host:
             raise
         if not plan.empty:
             tx.finish()
-        self.state.clear_bad(digest)
-        self.state.prune(self.config.retain, m.bundle_id)
+        if not report.noop:
+            self.state.clear_bad(digest)
+            self.state.prune(self.config.retain, m.bundle_id)
         self._audit(purpose, m, verified, plan, report, "ok", audit)
         return report
 
