@@ -41,7 +41,7 @@ from applier.manifest import BLOB_PREFIX, Command, HostEntry, Manifest
 from applier.paths import HostLayout, resolve_target
 from applier.plan import CommandKind, Plan, make_plan
 from applier.sshsig import AllowedSigners, VerifiedSigner
-from applier.state import Current, State
+from applier.state import Current, Retained, State
 from applier.transaction import Transaction, new_txid, pending, recover
 from applier.trust import Rotation, check_rotation, replay_floor
 from applier.verify import TrustPolicy, VerifiedManifest, verify_manifest
@@ -289,12 +289,11 @@ class Host:
         if current.bundle_id is None:
             return None
         try:
-            manifest = self.state.get_retained(current.bundle_id).manifest
+            return self.state.get_retained(current.bundle_id).host_entry(self.config.host)
         except StateError:
             logger.warning("current bundle %s is not retained; files it managed and the "
                            "new bundle drops cannot be removed", current.bundle_id)
             return None
-        return manifest.hosts.get(self.config.host)
 
     def _transact(self, verified: VerifiedManifest, entry: HostEntry, staging: Path | None,
                   purpose: str, dry_run: bool, current: Current, *,
@@ -380,7 +379,8 @@ class Host:
     def _commit(self, verified: VerifiedManifest, staging: Path | None, current: Current,
                 txid: str, digest: str) -> None:
         m = verified.manifest
-        self.state.retain(m.bundle_id, verified.manifest_bytes, verified.signature_bytes)
+        self.state.retain(m, verified.manifest_bytes, verified.signature_bytes,
+                          self.config.host)
         if staging is not None and staging.is_dir():
             self.state.adopt_objects(sorted(staging.iterdir()))
         self.state.write_current(Current(
@@ -413,12 +413,12 @@ class Host:
             if to is not None:
                 target = self.state.get_retained(to)
             else:
-                older = [r for r in self.state.retained()
-                         if r.bundle_id != current.bundle_id
-                         and r.manifest.sequence < current.sequence]
+                older = [(r.sequence if r.sequence is not None else r.manifest.sequence, r)
+                         for r in self.state.retained() if r.bundle_id != current.bundle_id]
+                older = [(seq, r) for seq, r in older if seq < current.sequence]
                 if not older:
                     raise NoRollbackTargetError("no retained bundle older than the current one")
-                target = max(older, key=lambda r: r.manifest.sequence)
+                target = max(older, key=lambda t: t[0])[1]
             # Re-verify against today's trust: a revoked key's bundle is not a way back.
             verified = verify_manifest(target.manifest_bytes, target.signature_bytes,
                                        self.trust(), self.now(current))
@@ -445,9 +445,7 @@ class Host:
             "root": str(self.layout.root),
             "current": None,
             "highest_sequence": current.highest_sequence,
-            "retained": [{"bundle_id": r.bundle_id, "sequence": r.manifest.sequence,
-                          "commit": r.manifest.source.commit, "applied_at": r.applied_at}
-                         for r in retained],
+            "retained": [_retained_summary(r) for r in retained],
             "last_result": None if last is None else {
                 "event": last["event"], "time": last["time"], "bundle_id": last["bundle_id"],
                 "result": last["result"]},
@@ -470,6 +468,15 @@ def _check_space(directory: Path, needed: int) -> None:
     if needed > free:
         raise HostIOError(f"{directory}: not enough space to stage the bundle: need "
                           f"{needed} bytes, {free} free")
+
+
+def _retained_summary(r: Retained) -> dict[str, Any]:
+    if r.sequence is None or r.commit is None:  # retained before meta.json carried them
+        m = r.manifest
+        return {"bundle_id": r.bundle_id, "sequence": m.sequence, "commit": m.source.commit,
+                "applied_at": r.applied_at}
+    return {"bundle_id": r.bundle_id, "sequence": r.sequence, "commit": r.commit,
+            "applied_at": r.applied_at}
 
 
 def describe_signer(signer: VerifiedSigner) -> str:

@@ -270,8 +270,10 @@ def check(host: Host, with_diff: bool = True) -> DriftReport:
         if current.bundle_id is None:
             report = DriftReport(None, int(host.clock()))
         else:
-            entry = policy.host_entry(host.state.get_retained(current.bundle_id).manifest,
-                                      host.config)
+            entry = host.state.get_retained(current.bundle_id).host_entry(host.config.host)
+            if entry is None:
+                raise StateError(f"current bundle {current.bundle_id} has no files for host "
+                                 f"{host.config.host!r}")
             report = compare(host.layout, entry, host.config, host.state.object_path,
                              with_diff, int(host.clock()))
             report.bundle_id = current.bundle_id

@@ -32,7 +32,7 @@ from typing import Any
 
 from applier import _faults, _fs
 from applier.errors import StateError
-from applier.manifest import Manifest
+from applier.manifest import FileEntry, HostEntry, Manifest, canonical_json
 from applier.paths import HostLayout
 
 logger = logging.getLogger(__name__)
@@ -58,14 +58,48 @@ class Current:
 
 @dataclass(frozen=True)
 class Retained:
+    """A retained bundle. The signed bytes are read only when asked for: a fleet
+    manifest is tens of MB, and listing bundles or finding this host's files must not
+    parse it (``host.json`` is this host's part, written from the verified manifest)."""
+
     bundle_id: str
-    manifest_bytes: bytes
-    signature_bytes: bytes
+    directory: Path
     applied_at: int
+    sequence: int | None = None
+    commit: str | None = None
+
+    @property
+    def manifest_bytes(self) -> bytes:
+        return (self.directory / "manifest.json").read_bytes()
+
+    @property
+    def signature_bytes(self) -> bytes:
+        return (self.directory / "manifest.json.sig").read_bytes()
 
     @property
     def manifest(self) -> Manifest:
         return Manifest.from_bytes(self.manifest_bytes)
+
+    def host_entry(self, host: str) -> HostEntry | None:
+        """This host's files in the bundle, from host.json when it was written."""
+        try:
+            data = json.loads((self.directory / "host.json").read_bytes())
+        except FileNotFoundError:
+            return self.manifest.hosts.get(host)
+        except ValueError as e:
+            raise StateError(f"{self.directory}/host.json: corrupt state file: {e}") from e
+        if data.get("host") != host:
+            return self.manifest.hosts.get(host)
+        return HostEntry(tuple(FileEntry.from_dict(f, f"{self.directory}/host.json")
+                               for f in data["files"]))
+
+    def content_digests(self) -> set[str]:
+        """Every blob this retained bundle may need from the content store."""
+        try:
+            data = json.loads((self.directory / "host.json").read_bytes())
+            return {f["sha256"] for f in data["files"]}
+        except (FileNotFoundError, ValueError, KeyError):
+            return {f.sha256 for h in self.manifest.hosts.values() for f in h.files}
 
 
 class State:
@@ -96,12 +130,19 @@ class State:
 
     # -- retained bundles ------------------------------------------------------------
 
-    def retain(self, bundle_id: str, manifest_bytes: bytes, signature_bytes: bytes) -> None:
-        d = self.layout.bundles / bundle_id
+    def retain(self, manifest: Manifest, manifest_bytes: bytes, signature_bytes: bytes,
+               host: str) -> None:
+        d = self.layout.bundles / manifest.bundle_id
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         _fs.atomic_write(d / "manifest.json", manifest_bytes, 0o600, fault="retain-manifest")
         _fs.atomic_write(d / "manifest.json.sig", signature_bytes, 0o600, fault="retain-sig")
-        meta = {"applied_at": int(time.time()), "applied_ns": time.time_ns()}
+        entry = manifest.hosts.get(host)
+        if entry is not None:
+            part = {"host": host, "files": [f.to_dict() for f in entry.files]}
+            _fs.atomic_write(d / "host.json", canonical_json(part), 0o600, fault="retain-host")
+        meta = {"applied_at": int(time.time()), "applied_ns": time.time_ns(),
+                "sequence": manifest.sequence, "commit": manifest.source.commit}
+        # meta.json last: a retained bundle without it is incomplete and ignored.
         _fs.atomic_write(d / "meta.json", _dumps(meta), 0o600, fault="retain-meta")
 
     def retained(self) -> list[Retained]:
@@ -112,9 +153,11 @@ class State:
         for d in self.layout.bundles.iterdir():
             try:
                 meta = json.loads((d / "meta.json").read_bytes())
+                if not (d / "manifest.json").is_file() or not (d / "manifest.json.sig").is_file():
+                    raise FileNotFoundError(d)
                 out.append((meta.get("applied_ns", 0), Retained(
-                    d.name, (d / "manifest.json").read_bytes(),
-                    (d / "manifest.json.sig").read_bytes(), int(meta["applied_at"]))))
+                    d.name, d, int(meta["applied_at"]), meta.get("sequence"),
+                    meta.get("commit"))))
             except (OSError, ValueError, KeyError):
                 # A half-written retained bundle (crash before commit) is not one.
                 logger.debug("ignoring incomplete retained bundle %s", d.name)
@@ -144,8 +187,7 @@ class State:
     def referenced_objects(self) -> set[str]:
         refs: set[str] = set()
         for r in self.retained():
-            for host in r.manifest.hosts.values():
-                refs.update(f.sha256 for f in host.files)
+            refs |= r.content_digests()
         return refs
 
     def gc_objects(self) -> None:

@@ -169,3 +169,25 @@ def test_retention_keeps_the_last_n_and_rollback_to_any_of_them(
     assert read(root, SITE) == b"server { listen 8003; }\n"
     with pytest.raises(StateError, match="no retained bundle"):
         host.rollback(to="1-")
+
+
+def test_host_keeps_its_part_of_retained_bundles_and_reads_older_state(
+        root: Path, tmp_path: Path, signing_key: KeyPair, systemctl: Systemctl) -> None:
+    host = Host(root)
+    host.apply(spec(1).write(tmp_path / "b1.tar", signing_key))
+    host.apply(spec(2, site=b"server { listen 9090; }\n").write(tmp_path / "b2.tar",
+                                                                 signing_key))
+    bundles = root / "var/lib/gitops-apply/bundles"
+    parts = {d.name: json.loads((d / "host.json").read_bytes()) for d in bundles.iterdir()}
+    # Only this host's files are kept beside the signed manifest, for drift/status/plan.
+    assert {p["host"] for p in parts.values()} == {"frodo"}
+    assert [f["path"] for f in parts[next(iter(parts))]["files"]] == [MOTD, SITE, NGINX]
+    # State written before host.json and meta's sequence existed still works.
+    for d in bundles.iterdir():
+        (d / "host.json").unlink()
+        meta = json.loads((d / "meta.json").read_bytes())
+        del meta["sequence"], meta["commit"]
+        (d / "meta.json").write_text(json.dumps(meta))
+    assert [r["sequence"] for r in host.status()["retained"]] == [1, 2]
+    host.rollback()
+    assert read(root, SITE) == b"server { listen 8080; }\n"
