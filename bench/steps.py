@@ -115,8 +115,10 @@ class Config:
 
     def log(self, argv: Sequence[str | os.PathLike[str]]) -> None:
         text = " ".join(str(a) for a in argv)
-        for p in (str(self.work), str(Path.home())):
-            text = text.replace(p, "$WORK" if p == str(self.work) else "~")
+        # Results name commands, not this machine's paths: the work dir becomes $WORK
+        # and the interpreter's bin directory (where the console scripts are) goes.
+        text = text.replace(str(self.work), "$WORK")
+        text = text.replace(str(Path(sys.executable).parent) + "/", "")
         if text not in self.commands:
             self.commands.append(text)
 
