@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from factory import KeyPair, make_key
+from applier.apply import init_host
+
+from factory import KeyPair, make_key, write_allowed_signers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FLEET = REPO_ROOT / "examples" / "fleet"
@@ -69,6 +71,14 @@ def signing_key(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
 def other_key(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
     require_tool("ssh-keygen")
     return make_key(tmp_path_factory.mktemp("keys"), "mallory")
+
+
+@pytest.fixture
+def root(tmp_path: Path, signing_key: KeyPair) -> Path:
+    """A host "frodo" under a fresh root, initialised to trust ``signing_key``."""
+    root = tmp_path / "frodo"
+    init_host(root, "frodo", write_allowed_signers(tmp_path / "allowed_signers", signing_key))
+    return root
 
 
 class Systemctl:

@@ -25,14 +25,6 @@ SITE = "/etc/nginx/conf.d/app.conf"
 MOTD = "/etc/motd"
 
 
-@pytest.fixture
-def root(tmp_path: Path, signing_key: KeyPair) -> Path:
-    root = tmp_path / "frodo"
-    signers = write_allowed_signers(tmp_path / "allowed_signers", signing_key)
-    init_host(root, "frodo", signers)
-    return root
-
-
 def spec(seq: int, site: bytes = b"server { listen 8080; }\n", extra: bool = True,
          ) -> BundleSpec:
     files: dict[str, bytes | FileSpec] = {

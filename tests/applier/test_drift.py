@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from applier import drift
-from applier.apply import Host, init_host
+from applier.apply import Host
 from applier.cli import main
 from applier.errors import ExitCode, ValidationFailedError
 
 from conftest import Systemctl
-from factory import BundleSpec, FileSpec, KeyPair, snapshot, write_allowed_signers
+from factory import BundleSpec, FileSpec, KeyPair, snapshot
 
 NGINX = "/etc/nginx/nginx.conf"
 SITE = "/etc/nginx/conf.d/app.conf"
@@ -25,13 +25,6 @@ CACHE = "/etc/app/cache.json"
 
 NGINX_CONF = b"events {}\nhttp {\n  include conf.d/*.conf;\n}\n"
 SITE_CONF = b"server { listen 8080; }\n"
-
-
-@pytest.fixture
-def root(tmp_path: Path, signing_key: KeyPair) -> Path:
-    root = tmp_path / "frodo"
-    init_host(root, "frodo", write_allowed_signers(tmp_path / "allowed_signers", signing_key))
-    return root
 
 
 def spec(seq: int = 1, over: dict[str, FileSpec] | None = None) -> BundleSpec:

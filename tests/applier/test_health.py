@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from applier import commands
-from applier.apply import Host, init_host
+from applier.apply import Host
 from applier.cli import main
 from applier.errors import (
     BadBundleError,
@@ -30,17 +30,10 @@ from applier.errors import (
 from applier.manifest import Command
 
 from conftest import Systemctl
-from factory import BundleSpec, FileSpec, KeyPair, snapshot, write_allowed_signers
+from factory import BundleSpec, FileSpec, KeyPair, snapshot
 
 CONF = "/etc/app/app.conf"
 RELOAD = "systemctl reload app"
-
-
-@pytest.fixture
-def root(tmp_path: Path, signing_key: KeyPair) -> Path:
-    root = tmp_path / "frodo"
-    init_host(root, "frodo", write_allowed_signers(tmp_path / "allowed_signers", signing_key))
-    return root
 
 
 def bundle(tmp_path: Path, key: KeyPair, seq: int, content: bytes, **cmds: object) -> Path:

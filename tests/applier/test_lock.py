@@ -16,23 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from applier.apply import init_host
 from applier.errors import ExitCode, LockedError
 from applier.lock import holder_pid, locked
 from applier.paths import HostLayout
 
-from factory import BundleSpec, FileSpec, KeyPair, snapshot, write_allowed_signers
+from factory import BundleSpec, FileSpec, KeyPair, snapshot
 
 STATE = "var/lib/gitops-apply"
 PROBE = ("import os, sys; from applier.lock import holder_pid; "
          "fd = os.open(sys.argv[1], os.O_RDWR); print(holder_pid(fd))")
-
-
-@pytest.fixture
-def root(tmp_path: Path, signing_key: KeyPair) -> Path:
-    root = tmp_path / "frodo"
-    init_host(root, "frodo", write_allowed_signers(tmp_path / "allowed_signers", signing_key))
-    return root
 
 
 def cli(root: Path, *args: str) -> list[str]:

@@ -9,22 +9,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from applier.apply import init_host
 from applier.cli import main
 from applier.errors import ExitCode
 
 from conftest import Systemctl
-from factory import BundleSpec, FileSpec, KeyPair, write_allowed_signers
+from factory import BundleSpec, FileSpec, KeyPair
 
 MOTD = "/etc/motd"
 ISSUE = "/etc/issue"
-
-
-@pytest.fixture
-def root(tmp_path: Path, signing_key: KeyPair) -> Path:
-    root = tmp_path / "frodo"
-    init_host(root, "frodo", write_allowed_signers(tmp_path / "allowed_signers", signing_key))
-    return root
 
 
 def samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

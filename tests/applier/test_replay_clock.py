@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from hostile import frozen_host, run_apply
 
-from applier.apply import Host, init_host
+from applier.apply import Host
 from applier.errors import ExitCode, ExpiredError
 
-from factory import CREATED, BundleSpec, KeyPair, sign_bytes, snapshot, write_allowed_signers
+from factory import CREATED, BundleSpec, KeyPair, sign_bytes, snapshot
 
 DAY = 86_400
 MOTD = "/etc/motd"
@@ -23,13 +23,6 @@ MOTD = "/etc/motd"
 def spec(seq: int, created: int = CREATED, expires: int | None = None) -> BundleSpec:
     return BundleSpec({"frodo": {MOTD: f"motd {seq}\n".encode()}}, sequence=seq,
                       commit=f"{seq:040x}", created=created, expires=expires)
-
-
-@pytest.fixture
-def root(tmp_path: Path, signing_key: KeyPair) -> Path:
-    root = tmp_path / "frodo"
-    init_host(root, "frodo", write_allowed_signers(tmp_path / "allowed", signing_key))
-    return root
 
 
 def test_reapplying_the_current_bundle_is_a_noop_success(

@@ -14,20 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from applier.apply import Host, init_host
+from applier.apply import Host
 from applier.watch import Outcome, Watcher
 
-from factory import BundleSpec, KeyPair, write_allowed_signers
+from factory import BundleSpec, KeyPair
 
 MOTD = "/etc/motd"
 DEADLINE = 30.0
-
-
-@pytest.fixture
-def root(tmp_path: Path, signing_key: KeyPair) -> Path:
-    root = tmp_path / "frodo"
-    init_host(root, "frodo", write_allowed_signers(tmp_path / "allowed_signers", signing_key))
-    return root
 
 
 @pytest.fixture
