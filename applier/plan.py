@@ -13,8 +13,8 @@ import grp
 import os
 import pwd
 import stat
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 from applier import _fs
@@ -48,7 +48,6 @@ class Change:
 class Plan:
     changes: tuple[Change, ...]
     unchanged: tuple[str, ...] = ()
-    real_paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -115,20 +114,16 @@ def difference(disk_path: str | os.PathLike[str], entry: FileEntry) -> str | Non
 
 
 def make_plan(layout: HostLayout, new: HostEntry, old: HostEntry | None,
-              prefixes: tuple[str, ...],
-              differs: Callable[[str, FileEntry], str | None] | None = None) -> Plan:
+              prefixes: tuple[str, ...]) -> Plan:
     """Compare ``new`` with the disk and ``old``; raise if a path breaks host policy."""
-    check = differs or (lambda real, e: difference(layout.on_disk(real), e))
     changes: list[Change] = []
     unchanged: list[str] = []
-    real_paths: dict[str, str] = {}
     dirs: dict[str, str] = {}
     new_paths = new.by_path()
     old_paths = old.by_path() if old is not None else {}
     for entry in new.files:
         real = resolve_target(layout, entry.path, prefixes, dirs)
-        real_paths[entry.path] = real
-        why = check(real, entry)
+        why = difference(layout.on_disk(real), entry)
         if why is None:
             unchanged.append(entry.path)
         elif why == "missing":
@@ -143,4 +138,4 @@ def make_plan(layout: HostLayout, new: HostEntry, old: HostEntry | None,
         real = resolve_target(layout, path, prefixes, dirs)
         if os.path.lexists(layout.on_disk(real)):
             changes.append(Change("remove", path, real, None, entry, "no longer managed"))
-    return Plan(tuple(changes), tuple(unchanged), real_paths)
+    return Plan(tuple(changes), tuple(unchanged))
