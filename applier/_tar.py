@@ -14,6 +14,7 @@ signed manifest) or decompression (``bundle.py``).
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,11 +43,15 @@ class Header:
     offset: int  # byte offset of the header in the decompressed stream, for messages
 
 
+_OCTAL = re.compile(rb"[0-7]+")
+_UNSAFE_NAME = re.compile(rb"[^\x21-\x7e]")
+
+
 def _octal(field: bytes, what: str, offset: int) -> int:
     text = field.rstrip(b"\0 ").lstrip(b" ")
     if not text:
         return 0
-    if not all(0x30 <= c <= 0x37 for c in text):
+    if not _OCTAL.fullmatch(text):
         # Includes GNU base-256 numbers (high bit set): not part of the accepted subset.
         raise FormatError(f"tar header at byte {offset}: {what} is not an octal number")
     return int(text, 8)
@@ -71,7 +76,11 @@ class TarReader:
                 f"bundle expands past {self.limit} bytes at byte {self._pos}: "
                 "refusing a stream larger than its signed manifest declares"
             )
-        out = bytearray()
+        first = self._f.read(n)
+        if len(first) == n:  # the common case: one read, no copy
+            self._pos += n
+            return first
+        out = bytearray(first)
         while len(out) < n:
             chunk = self._f.read(n - len(out))
             if not chunk:
@@ -114,7 +123,7 @@ class TarReader:
             raise UnsafeMemberError(f"tar member {name!r} is {what}: only regular files allowed")
         if block[157:257].strip(b"\0"):
             raise UnsafeMemberError(f"tar member {name!r} carries a link target")
-        if any(c < 0x21 or c > 0x7E for c in full):
+        if _UNSAFE_NAME.search(full):
             raise UnsafeMemberError(f"tar member {name!r} has a control or space character")
         mode = _octal(block[100:108], "mode", offset)
         if mode & 0o7000:
