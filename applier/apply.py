@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from applier import _fs, commands, policy, trust_store
-from applier.bundle import BlobSink, SinkFactory, read_bundle
+from applier.bundle import PAYLOAD_NOT_NEEDED, BlobSink, SinkFactory, read_bundle
 from applier.config import HostConfig
 from applier.errors import (
     ApplierError,
@@ -58,6 +58,9 @@ class Report:
     plan: Plan
     dry_run: bool = False
     noop: bool = False
+    # False when the bundle is the current one and every file's content is already in
+    # the content store: its payload could change nothing, so it was not read.
+    payload_read: bool = True
     commands: list[commands.CommandResult] = field(default_factory=list)
     signers: list[str] = field(default_factory=list)
     recovered: dict[str, Any] | None = None
@@ -65,6 +68,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"action": self.action, "bundle_id": self.bundle_id, "dry_run": self.dry_run,
                 "plan": self.plan.to_dict(), "signers": self.signers,
+                "payload_read": self.payload_read,
                 "commands": [c.to_dict() for c in self.commands],
                 "recovered": self.recovered}
 
@@ -215,7 +219,8 @@ class Host:
             floor = replay_floor(current, rotation)
             self._check_policy(verified, floor, self.now(floor), force=False)
 
-        return read_bundle(bundle, self.trust(), now, on_manifest=on_manifest).verified
+        return read_bundle(bundle, self.trust(), now, on_manifest=on_manifest,
+                           host=self.config.host).verified
 
     def _check_policy(self, verified: VerifiedManifest, current: Current, now: int,
                       force: bool) -> HostEntry:
@@ -246,6 +251,7 @@ class Host:
 
             def on_manifest(verified: VerifiedManifest) -> SinkFactory:
                 nonlocal current
+                before = current
                 rotation = check_rotation(
                     verified, trust_store.load_root(self.layout, self.config), now)
                 rotations.extend([rotation] if rotation is not None else [])
@@ -253,6 +259,11 @@ class Host:
                 entry = self._check_policy(verified, current, self.now(current), force)
                 chosen["entry"] = entry
                 needed = {f.sha256 for f in entry.files if not self.state.has_object(f.sha256)}
+                if not needed and sha256_hex(verified.manifest_bytes) == before.manifest_sha256:
+                    # The bundle applied now, with every content in the store (verified
+                    # when it was adopted, re-hashed when copied out): the payload can
+                    # change nothing, so a 1.7 GB bundle is not read again to re-apply.
+                    return PAYLOAD_NOT_NEEDED
                 staging.mkdir(mode=0o700)
                 # Once per blob: a file shared by many paths is staged once.
                 need = sum({f.sha256: f.size for f in entry.files if f.sha256 in needed}.values())
@@ -266,10 +277,12 @@ class Host:
                 return sink
 
             try:
-                result = read_bundle(bundle, trust, now, on_manifest=on_manifest)
+                result = read_bundle(bundle, trust, now, on_manifest=on_manifest,
+                                     host=self.config.host)
                 verified = result.verified
-                report = self._transact(verified, chosen["entry"], staging, "apply", dry_run,
-                                        current)
+                report = self._transact(verified, chosen["entry"],
+                                        staging if result.payload_read else None, "apply",
+                                        dry_run, current, payload_read=result.payload_read)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             if rotations and not dry_run:
@@ -297,7 +310,8 @@ class Host:
 
     def _transact(self, verified: VerifiedManifest, entry: HostEntry, staging: Path | None,
                   purpose: str, dry_run: bool, current: Current, *,
-                  plan: Plan | None = None, audit: dict[str, Any] | None = None) -> Report:
+                  plan: Plan | None = None, audit: dict[str, Any] | None = None,
+                  payload_read: bool = True) -> Report:
         # ``plan`` and ``audit``: drift repair (drift.py) passes a plan of just the
         # drifted files and who/what to record, and otherwise goes the same way.
         m = verified.manifest
@@ -307,7 +321,10 @@ class Host:
                              self.config.allowed_prefixes)
         signers = [describe_signer(s) for s in verified.signers]
         report = Report(purpose, m.bundle_id, plan, dry_run=dry_run, signers=signers,
-                        noop=plan.empty and current.manifest_sha256 == digest)
+                        noop=plan.empty and current.manifest_sha256 == digest,
+                        payload_read=payload_read)
+        if not payload_read:
+            audit = {**(audit or {}), "payload_read": False}
         if dry_run:
             return report
         tx = Transaction(self.layout, plan, self._content(staging), purpose, m.bundle_id)
@@ -322,6 +339,10 @@ class Host:
             # but its audit record: no new commit point, no retention work.
             if not report.noop:
                 self._commit(verified, staging, current, tx.txid, digest)
+            elif staging is not None and staging.is_dir():
+                # A content the store had lost came back with the bundle: keep it for
+                # rollback and drift repair, even though nothing else changes.
+                self.state.adopt_objects(sorted(staging.iterdir()))
         except (ValidationFailedError, CommandError, HealthCheckError) as e:
             # Remembered first: a crash during the rollback must not let watch retry it.
             if purpose == "apply":
@@ -421,7 +442,7 @@ class Host:
                 target = max(older, key=lambda t: t[0])[1]
             # Re-verify against today's trust: a revoked key's bundle is not a way back.
             verified = verify_manifest(target.manifest_bytes, target.signature_bytes,
-                                       self.trust(), self.now(current))
+                                       self.trust(), self.now(current), self.config.host)
             entry = policy.host_entry(verified.manifest, self.config)
             missing = [f.path for f in entry.files if not self.state.has_object(f.sha256)]
             if missing:

@@ -59,6 +59,14 @@ class BlobSink(Protocol):
 # (member name, sha256, size) -> a sink, or None to hash and discard.
 SinkFactory = Callable[[str, str, int], BlobSink | None]
 
+
+def _payload_not_needed(name: str, digest: str, size: int) -> BlobSink | None:
+    raise AssertionError("PAYLOAD_NOT_NEEDED is a marker, never called")
+
+
+# What ``read_bundle``'s ``on_manifest`` returns to stop after the signed manifest.
+PAYLOAD_NOT_NEEDED: SinkFactory = _payload_not_needed
+
 # (bytes just verified, payload total): a progress bar the CLI may install. A context
 # variable, so the streaming code reports progress without a parameter threaded
 # through every caller; nothing is reported unless a caller asked.
@@ -128,6 +136,7 @@ def _open_regular(path: Path) -> io.BufferedReader:
 class ReadResult:
     verified: VerifiedManifest
     compression: str
+    payload_read: bool = True
 
 
 class BundleFile:
@@ -257,17 +266,24 @@ def _wrap_stream_errors(path: Path) -> Iterator[None]:
 def read_bundle(path: str | os.PathLike[str], trust: TrustPolicy, now: int,
                 sink: SinkFactory | None = None,
                 on_manifest: Callable[[VerifiedManifest], SinkFactory | None] | None = None,
+                host: str | None = None,
                 ) -> ReadResult:
     """Verify a whole bundle in one streaming pass; optionally stage members via a sink.
 
     ``on_manifest`` runs after the signature checked out and before the payload is
-    read: the host uses it to apply policy and choose which blobs to stage.
+    read: the host uses it to apply policy and choose which blobs to stage; it returns
+    ``PAYLOAD_NOT_NEEDED`` when nothing in the payload can change the outcome (then the
+    payload is not read, and ``ReadResult.payload_read`` says so). ``host`` parses only
+    that host's view of the manifest (``Manifest.from_bytes``).
     """
     with BundleFile(path) as bundle:
         manifest_bytes, sig_bytes = bundle.signed_part()
-        verified = verify_manifest(manifest_bytes, sig_bytes, trust, now)
+        verified = verify_manifest(manifest_bytes, sig_bytes, trust, now, host)
         if on_manifest is not None:
-            sink = on_manifest(verified) or sink
+            chosen = on_manifest(verified)
+            if chosen is PAYLOAD_NOT_NEEDED:
+                return ReadResult(verified, bundle.compression, payload_read=False)
+            sink = chosen or sink
         bundle.payload(verified.manifest, sink)
         logger.debug("verified %s (%d members)", path, len(verified.manifest.blobs) + 1)
         return ReadResult(verified, bundle.compression)

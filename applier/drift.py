@@ -299,7 +299,7 @@ def fix(host: Host, with_diff: bool = True) -> DriftReport:
         # Re-verify against today's trust, as rollback does: a revoked key's bundle is
         # not something to re-assert.
         verified = verify_manifest(retained.manifest_bytes, retained.signature_bytes,
-                                   host.trust(), host.now(current))
+                                   host.trust(), host.now(current), host.config.host)
         entry = policy.host_entry(verified.manifest, host.config)
         report = compare(host.layout, entry, host.config, host.state.object_path,
                          with_diff, now)

@@ -19,7 +19,7 @@ import posixpath
 import re
 import unicodedata
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
 from applier.errors import ManifestError
@@ -355,10 +355,16 @@ class Manifest:
     expires: int | None = None
     trust: TrustUpdate | None = None
     format: int = FORMAT_VERSION
+    # A host's view (``from_bytes(data, host=...)``): ``hosts`` holds at most that
+    # host's part, ``host_names`` every host the bundle is for, and the blob table is
+    # taken from a scan of every host's entries. The signed bytes stay the whole truth.
+    view_of: str | None = None
+    host_names: tuple[str, ...] = ()
+    blob_table: InitVar[Mapping[str, int] | None] = None
     _blob_sizes: dict[str, int] = field(default_factory=dict, init=False, repr=False,
                                         compare=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, blob_table: Mapping[str, int] | None) -> None:
         if self.format != FORMAT_VERSION:
             raise _fail("format", f"unsupported format version {self.format!r}")
         _str(self.bundle_id, "bundle_id", _BUNDLE_ID)
@@ -369,13 +375,30 @@ class Manifest:
             if self.expires <= self.created:
                 raise _fail("expires", "must be after created")
         _str(self.builder, "builder", limit=256)
-        if not self.hosts:
-            raise _fail("hosts", "must name at least one host")
-        for name in self.hosts:
-            _str(name, "hosts", _HOST)
         if list(self.hosts) != sorted(self.hosts):
             object.__setattr__(self, "hosts", dict(sorted(self.hosts.items())))
         sizes: dict[str, int] = {}
+        if self.view_of is None:
+            if blob_table is not None:
+                raise _fail("blobs", "a blob table is only given with a host's view")
+            object.__setattr__(self, "host_names", tuple(self.hosts))
+        else:
+            _str(self.view_of, "host", _HOST)
+            if self.hosts.keys() - {self.view_of}:
+                raise _fail("hosts", f"a view of host {self.view_of!r} holds other hosts")
+            if (self.view_of in self.hosts) != (self.view_of in self.host_names):
+                raise _fail("hosts", f"host {self.view_of!r} is not in the host list")
+            if blob_table is None:
+                raise _fail("blobs", "a host's view needs the blob table")
+            for digest, size in blob_table.items():
+                _str(digest, "blob sha256", _HEX64)
+                sizes[digest] = _int(size, f"blob {digest} size", 0, MAX_FILE_SIZE)
+        if not self.host_names:
+            raise _fail("hosts", "must name at least one host")
+        for name in self.host_names:
+            _str(name, "hosts", _HOST)
+        if list(self.host_names) != sorted(set(self.host_names)):
+            raise _fail("hosts", "host names must be sorted and distinct")
         for host in self.hosts.values():
             for f in host.files:
                 if sizes.setdefault(f.sha256, f.size) != f.size:
@@ -402,6 +425,9 @@ class Manifest:
     # -- (de)serialisation -------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        if self.view_of is not None:
+            raise ValueError("a host's view of a manifest is not the manifest: "
+                             "use the signed bytes")
         return {
             "format": self.format,
             "bundle_id": self.bundle_id,
@@ -420,7 +446,8 @@ class Manifest:
         return canonical_json(self.to_dict())
 
     @classmethod
-    def from_dict(cls, d: Any) -> Manifest:
+    def from_dict(cls, d: Any, host: str | None = None) -> Manifest:
+        """The manifest, or with ``host`` that host's view of it (see ``from_bytes``)."""
         d = _obj(d, "", {"format", "bundle_id", "sequence", "created", "expires", "source",
                          "builder", "hosts", "git", "trust"}, set())
         # The format version is checked first so a future format fails with that reason.
@@ -431,15 +458,23 @@ class Manifest:
         if not isinstance(hosts_in, dict):
             raise _fail("hosts", "must be an object")
         hosts: dict[str, HostEntry] = {}
+        raw_files: dict[str, list[Any]] = {}
         for name, raw_host in hosts_in.items():
             _str(name, "hosts", _HOST)
             h = _obj(raw_host, f"hosts.{name}", {"files"}, set())
             if not isinstance(h["files"], list):
                 raise _fail(f"hosts.{name}.files", "must be a list")
-            hosts[name] = HostEntry(tuple(
-                FileEntry.from_dict(f, f"hosts.{name}.files[{i}]")
-                for i, f in enumerate(h["files"])
-            ))
+            raw_files[name] = h["files"]
+        for name, files in raw_files.items():
+            if host is None or name == host:
+                hosts[name] = HostEntry(tuple(
+                    FileEntry.from_dict(f, f"hosts.{name}.files[{i}]")
+                    for i, f in enumerate(files)
+                ))
+        view: dict[str, Any] = {}
+        if host is not None:
+            view = {"view_of": host, "host_names": tuple(raw_files),
+                    "blob_table": _blob_table(raw_files)}
         expires = d["expires"]
         return cls(
             format=fmt,
@@ -452,11 +487,19 @@ class Manifest:
             hosts=hosts,
             git=GitInfo.from_dict(d["git"]),
             trust=None if d["trust"] is None else TrustUpdate.from_dict(d["trust"]),
+            **view,
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Manifest:
-        """Parse signed manifest bytes; anything but the canonical form is rejected."""
+    def from_bytes(cls, data: bytes, host: str | None = None) -> Manifest:
+        """Parse signed manifest bytes; anything but the canonical form is rejected.
+
+        With ``host``, build that host's view: its own files are checked and built in
+        full, other hosts' entries only give the blob table (digest and size of every
+        payload member). A fleet manifest lists every file of every host (110,000
+        entries for 200 hosts), and a host needs objects for its own 500; the builder
+        and ``gitops-bundle verify`` check every host in full.
+        """
         with _gc_paused():
             try:
                 raw = json.loads(data.decode("utf-8"), parse_float=_reject_float,
@@ -472,7 +515,24 @@ class Manifest:
             if canonical_json(raw) != data:
                 _find_duplicate_key(data)
                 raise ManifestError("manifest.json is not in canonical form")
-            return cls.from_dict(raw)
+            return cls.from_dict(raw, host)
+
+
+def _blob_table(raw_files: Mapping[str, list[Any]]) -> dict[str, int]:
+    """Digest -> size of every blob any host's entries name, without building entries."""
+    sizes: dict[str, int] = {}
+    for name, files in raw_files.items():
+        for i, f in enumerate(files):
+            try:
+                digest, size = f["sha256"], f["size"]
+                seen = sizes.setdefault(digest, size)
+            except (TypeError, KeyError) as e:
+                raise _fail(f"hosts.{name}.files[{i}]", "must be an object with sha256 and "
+                                                        "size") from e
+            if seen != size or type(seen) is not type(size):
+                raise _fail(f"hosts.{name}.files[{i}]",
+                            f"blob {str(digest)[:64]} has two different sizes")
+    return sizes
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ def check_replay(manifest: Manifest, manifest_sha256: str, current: Current) -> 
 def host_entry(manifest: Manifest, config: HostConfig) -> HostEntry:
     entry = manifest.hosts.get(config.host)
     if entry is None:
-        names = ", ".join(sorted(manifest.hosts)[:10])
+        names = ", ".join(manifest.host_names[:10])
         raise HostNotInBundleError(
             f"bundle {manifest.bundle_id} has no files for host {config.host!r} "
             f"(it is for: {names})")

@@ -85,11 +85,11 @@ class Retained:
         try:
             data = json.loads((self.directory / "host.json").read_bytes())
         except FileNotFoundError:
-            return self.manifest.hosts.get(host)
+            return Manifest.from_bytes(self.manifest_bytes, host).hosts.get(host)
         except ValueError as e:
             raise StateError(f"{self.directory}/host.json: corrupt state file: {e}") from e
         if data.get("host") != host:
-            return self.manifest.hosts.get(host)
+            return Manifest.from_bytes(self.manifest_bytes, host).hosts.get(host)
         return HostEntry(tuple(FileEntry.from_dict(f, f"{self.directory}/host.json")
                                for f in data["files"]))
 

@@ -40,11 +40,14 @@ class VerifiedManifest:
 
 
 def verify_manifest(manifest_bytes: bytes, signature_bytes: bytes, trust: TrustPolicy,
-                    now: int) -> VerifiedManifest:
-    """Check signatures over ``manifest_bytes``, then parse them; raise on any failure."""
+                    now: int, host: str | None = None) -> VerifiedManifest:
+    """Check signatures over ``manifest_bytes``, then parse them; raise on any failure.
+
+    With ``host``, the manifest returned is that host's view (``Manifest.from_bytes``).
+    """
     signers = verify_manifest_signatures(
         manifest_bytes, signature_bytes, trust.signers, now,
         threshold=trust.threshold, namespace=NAMESPACE,
     )
-    manifest = Manifest.from_bytes(manifest_bytes)
+    manifest = Manifest.from_bytes(manifest_bytes, host)
     return VerifiedManifest(manifest, signers, manifest_bytes, signature_bytes)

@@ -225,7 +225,7 @@ class Watcher:
             manifest_bytes, sig = bundle.signed_part()
         current = self.host.state.current()
         verified = verify_manifest(manifest_bytes, sig, self.host.trust(),
-                                   self.host.now(current))
+                                   self.host.now(current), self.host.config.host)
         return verified.manifest.sequence, sha256_hex(manifest_bytes)
 
     def _settle_failure(self, path: Path, st: os.stat_result, e: Exception) -> Outcome:
