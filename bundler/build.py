@@ -165,14 +165,20 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
             members.append(Member(GIT_BUNDLE_NAME, git_size, git_chunks))
             size = write_tar(out, manifest_bytes, signature, members, mtime=info.time,
                              compression=compression, progress=bar.update,
-                             check=lambda p: _self_check(p, key, info.time))
+                             check=lambda p: _self_check(p, key, info.time, manifest))
     return BuildResult(out, manifest, size, dirty, fleet.warnings)
 
 
-def _self_check(path: Path, key: SigningKey, now: int) -> None:
-    """Read the finished file back with the host's reader: one definition of the format."""
+def _self_check(path: Path, key: SigningKey, now: int, manifest: Manifest) -> None:
+    """Read the finished file back with the host's reader: one definition of the format.
+
+    The entries were checked when the ``Manifest`` was built and the bytes are their
+    canonical serialisation, so the read-back parses one host's view: signature,
+    canonical form, blob table and every member are still checked, without building
+    every host's entries a second time (110,000 for a 200-host fleet).
+    """
     signers = AllowedSigners.from_text(f"builder {key.public_key.to_openssh()}\n", "builder")
-    read_bundle(path, TrustPolicy(signers), now)
+    read_bundle(path, TrustPolicy(signers), now, host=next(iter(manifest.hosts)))
 
 
 def verify_bundle(path: Path, allowed_signers: Path, threshold: int = 1,
