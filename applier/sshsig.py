@@ -25,9 +25,6 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from applier import _sshwire as wire
 from applier.errors import HostConfigError, SignatureError
 from applier.manifest import SIGNATURE_NAME
@@ -325,6 +322,13 @@ def verify_one(message: bytes, sig: Signature, namespace: str = NAMESPACE) -> Pu
 def _check_ed25519(raw_key: bytes, raw_sig: bytes, signed: bytes) -> None:
     if len(raw_sig) != _ED25519_SIG_LEN:
         raise wire.WireError(f"signature blob: Ed25519 signature is {len(raw_sig)} bytes")
+    # Imported here, not at the top: loading cryptography's bindings is a large part of
+    # the CLI's start-up, and status, history and a drift check never verify a signature.
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PublicKey,
+    )
+
     try:
         Ed25519PublicKey.from_public_bytes(raw_key).verify(raw_sig, signed)
     except InvalidSignature as e:
