@@ -15,12 +15,15 @@ import logging
 import os
 import shlex
 import signal
-import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from applier.manifest import Command
+
+if TYPE_CHECKING:
+    import subprocess
 
 logger = logging.getLogger(__name__)
 MAX_OUTPUT = 16 << 10
@@ -77,6 +80,10 @@ def run(cmd: Command, values: Mapping[str, str], env: Mapping[str, str] | None =
 
 def _run_once(cmd: Command, values: Mapping[str, str],
               env: Mapping[str, str] | None) -> CommandResult:
+    # Imported on first use: most runs (status, a no-op apply) start no command, and
+    # subprocess is a noticeable part of the CLI's start-up.
+    import subprocess  # noqa: PLC0415
+
     start = time.monotonic()
     try:
         argv = expand(cmd, values)
