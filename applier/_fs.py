@@ -12,7 +12,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +20,12 @@ from applier import _faults
 from applier.errors import HostIOError
 
 CHUNK = 1 << 20
+
+
+def random_hex(nbytes: int) -> str:
+    """``secrets.token_hex``: the same urandom bytes, without importing ``secrets``,
+    whose ``random`` and ``hmac`` imports every command would otherwise pay for."""
+    return os.urandom(nbytes).hex()
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -61,7 +66,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644,
                  fault: str = "atomic-write") -> None:
     """Replace ``path`` with ``data`` so a crash leaves either the old or the new bytes."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    tmp = path.with_name(f".{path.name}.tmp-{random_hex(6)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      mode)

@@ -28,13 +28,11 @@ Not for: deciding what an apply changes (plan.py) or printing (cli.py).
 
 from __future__ import annotations
 
-import difflib
 import grp
 import json
 import logging
 import os
 import pwd
-import secrets
 import shutil
 import stat
 import time
@@ -245,6 +243,8 @@ def unified_diff(ours: Path, disk: Path, name: str) -> str | None:
         return None
     if a is None or b is None:
         return None
+    import difflib  # noqa: PLC0415 - only for drifted text files; status imports this module
+
     lines = list(difflib.unified_diff(a.splitlines(keepends=True), b.splitlines(keepends=True),
                                       fromfile=f"{name} (bundle)", tofile=f"{name} (disk)"))
     if len(lines) > MAX_DIFF_LINES:
@@ -366,7 +366,7 @@ def save(layout: HostLayout, drifted: list[Drifted], bundle_id: str | None,
     """
     base = layout.drift_saves
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    set_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(3)
+    set_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + _fs.random_hex(3)
     tmp = base / f".tmp-{set_id}"
     files: list[dict[str, Any]] = []
     try:

@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import stat
 from collections.abc import Callable
@@ -91,7 +90,7 @@ class Journal:
 
 
 def new_txid() -> str:
-    return secrets.token_hex(6)
+    return _fs.random_hex(6)
 
 
 def _rebase(journal: Journal, path: Callable[[str], str]) -> Journal:
