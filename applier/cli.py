@@ -3,6 +3,10 @@
 Each command calls into ``apply.Host`` and renders its result for people, or as JSON
 with ``--json``. Every ``ApplierError`` becomes one line on stderr and its exit code
 (``errors.ExitCode``); ``--verbose`` adds the traceback and debug logging.
+
+Start-up time is part of every command's cost (a no-op apply is mostly start-up), so
+the modules only some commands need (drift, watch, metrics) are imported inside those
+commands, not here.
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from applier import _log, drift, metrics
+from applier import _log
 from applier.apply import Host, Report, describe_signer, init_host
 from applier.bundle import reporting_progress
 from applier.errors import ApplierError, ExitCode
 from applier.verify import VerifiedManifest
-from applier.watch import Watcher
+
+if TYPE_CHECKING:
+    from applier.drift import DriftReport, SavedSet
 
 PROG = "gitops-apply"
 logger = logging.getLogger(__name__)
@@ -203,6 +209,8 @@ def recover(ctx: click.Context) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """The current bundle, retained bundles and the last result."""
+    from applier import drift  # noqa: PLC0415 - see the module docstring
+
     host = _host(ctx)
     s = host.status()
     s["drift"] = drift.status(host.layout)
@@ -268,6 +276,8 @@ def _metrics_after(ctx: click.Context, explicit: Path | None) -> Iterator[None]:
 
 
 def _write_metrics(ctx: click.Context, explicit: Path | None) -> None:
+    from applier import metrics  # noqa: PLC0415 - see the module docstring
+
     host = _host(ctx)
     try:
         path = metrics.target(host, explicit or ctx.obj.get("metrics_file"))
@@ -281,7 +291,7 @@ def _write_metrics(ctx: click.Context, explicit: Path | None) -> None:
 # -- drift --------------------------------------------------------------------------------
 
 
-def _print_drift(report: drift.DriftReport, show_diff: bool) -> None:
+def _print_drift(report: DriftReport, show_diff: bool) -> None:
     if report.bundle_id is None:
         click.echo("no bundle applied yet: nothing to compare")
         return
@@ -311,7 +321,7 @@ def _print_drift(report: drift.DriftReport, show_diff: bool) -> None:
                    f"{len(remaining) - revert} report-only or not repairable{hint}")
 
 
-def _print_saved(sets: list[drift.SavedSet]) -> None:
+def _print_saved(sets: list[SavedSet]) -> None:
     if not sets:
         click.echo("no saved drift versions")
     for s in sets:
@@ -353,6 +363,8 @@ def drift_cmd(ctx: click.Context, fix: bool, as_json: bool, no_diff: bool, show_
     after their out-of-band versions are saved; 'report' files are only reported,
     'ignore' files not even checked. --fix exits 0 when no drift remains.
     """
+    from applier import drift  # noqa: PLC0415 - see the module docstring
+
     host = _host(ctx)
     if sum([fix, show_history, restore_id is not None]) > 1:
         raise click.UsageError("--fix, --history and --restore are exclusive")
@@ -409,6 +421,8 @@ def watch(ctx: click.Context, inboxes: tuple[Path, ...], interval: float, settle
     ones move to INBOX/rejected/ with a .reason file (under the state dir when the
     inbox is read-only). SIGTERM stops after the current bundle.
     """
+    from applier.watch import Watcher  # noqa: PLC0415 - see the module docstring
+
     host = _host(ctx)
     stop = threading.Event()
 

@@ -10,7 +10,6 @@ config's ``metrics_file``. Not for: logs (``_log.py``) or ``status`` output (cli
 
 from __future__ import annotations
 
-import calendar
 import logging
 import time
 from collections.abc import Iterable
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from applier import _fs, drift
+from applier import _fs
 
 if TYPE_CHECKING:
     from applier.apply import Host
@@ -61,6 +60,8 @@ def render(metrics: Iterable[Metric]) -> str:
 def _epoch(iso: str | None) -> float | None:
     if not iso:
         return None
+    import calendar  # noqa: PLC0415 - only when metrics are written, as drift in collect()
+
     try:
         return float(calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")))
     except ValueError:
@@ -69,6 +70,10 @@ def _epoch(iso: str | None) -> float | None:
 
 def collect(host: Host) -> list[Metric]:
     """Every metric, from the state directory only."""
+    # Imported here: the CLI imports this module after every apply to find out whether
+    # metrics are wanted at all, and most hosts write none.
+    from applier import drift  # noqa: PLC0415
+
     h = {"host": host.config.host}
     current = host.state.current()
     out = [
