@@ -24,7 +24,8 @@ from bench.workloads import ManagedFile, Workload
 
 RENDER_ONLY = ("import sys; from pathlib import Path; from bundler.git import GitRepo; "
                "from bundler.render import render_fleet; "
-               "render_fleet(GitRepo(Path(sys.argv[1])), sys.argv[2])")
+               "render_fleet(GitRepo(Path(sys.argv[1])), sys.argv[2], "
+               "jobs=int(sys.argv[3]) if len(sys.argv) > 3 else None)")
 ARCHIVE = 'git -C "$1" archive "$2" | gzip -6 > "$3"'
 DECOMPRESS_HASH = 'gzip -dc "$1" | sha256sum > /dev/null'
 UNTAR_SYNC = 'tar -xzf "$1" -C "$2" && sync'
@@ -273,6 +274,11 @@ class WorkloadBench:
             self._row("build", builds, "git archive | gzip + render", build_peer,
                       "<= 3x", "within", 3.0, note="render = render_fleet() alone, same run")
         self._row("render only (in build)", render)
+        cores = os.cpu_count() or 1
+        if wl.name == "fleet" and cores > 1:
+            one = self._series([sys.executable, "-c", RENDER_ONLY, str(wl.repo), wl.base, "1"])
+            self._row(f"render on {cores} cores", render, "render in 1 process", one,
+                      "< 0.8x (both cores used)", "within", 0.8)
         self._row("apply, one file changed", changed)
         if ansible and a_first is not None and not a_first[0].timed_out:
             self._ansible_change(ansible)
