@@ -1,0 +1,68 @@
+"""Start-up: each command imports only what it uses.
+
+A no-op re-apply or a ``status`` is mostly interpreter start-up and imports, so the
+modules only some commands need (cryptography for a signature, subprocess for a
+command, drift, watch, metrics) must not creep back onto every command's path. Each
+command runs in a fresh interpreter that then lists the modules it loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from applier.cli import main
+
+from factory import BundleSpec, KeyPair
+
+# Runs one command in a fresh interpreter, then writes sys.modules to the file argv[1].
+PROBE = """\
+import json, sys
+from applier.cli import main
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": code, "modules": sorted(sys.modules)}, f)
+"""
+
+# Loaded only by the commands (or the steps of one) that need them.
+ON_DEMAND = {"applier.drift", "applier.watch", "applier.metrics", "cryptography",
+             "subprocess", "difflib", "secrets"}
+
+
+def loaded(tmp_path: Path, root: Path, *args: str) -> set[str]:
+    out = tmp_path / "modules.json"
+    subprocess.run([sys.executable, "-c", PROBE, str(out), "--root", str(root), *args],
+                   check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["code"] == 0
+    return set(result["modules"])
+
+
+@pytest.fixture
+def applied(root: Path, tmp_path: Path, signing_key: KeyPair) -> Path:
+    """A bundle already applied to ``root`` (so apply is a no-op re-apply)."""
+    bundle = BundleSpec({"frodo": {"/etc/motd": b"hello\n"}}).write(tmp_path / "b.tar",
+                                                                    signing_key)
+    assert main(["--root", str(root), "apply", str(bundle)]) == 0
+    return bundle
+
+
+@pytest.mark.parametrize(("args", "needed"), [
+    (("status",), {"applier.drift"}),
+    (("history",), set()),
+    (("drift",), {"applier.drift", "applier.metrics"}),
+    (("verify", "BUNDLE"), {"cryptography"}),
+    # Reads the metrics target after the command; no command runs, nothing to diff.
+    (("apply", "BUNDLE"), {"cryptography", "applier.metrics"}),
+], ids=["status", "history", "drift-check", "verify", "no-op-apply"])
+def test_command_imports_only_what_it_needs(
+        root: Path, tmp_path: Path, applied: Path, capsys: pytest.CaptureFixture[str],
+        args: tuple[str, ...], needed: set[str]) -> None:
+    capsys.readouterr()
+    modules = loaded(tmp_path, root, *(str(applied) if a == "BUNDLE" else a for a in args))
+    assert needed <= modules
+    assert sorted((ON_DEMAND - needed) & modules) == []
