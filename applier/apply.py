@@ -220,12 +220,16 @@ class Host:
             self._check_policy(verified, floor, self.now(floor), force=False)
 
         return read_bundle(bundle, self.trust(), now, on_manifest=on_manifest,
-                           host=self.config.host).verified
+                           host=self.config.host, known=self._known(current)).verified
+
+    def _known(self, current: Current) -> Callable[[str], Manifest | None]:
+        """The view of the current bundle kept in state, to re-apply it without a parse."""
+        return lambda digest: self.state.known_view(current, digest, self.config.host)
 
     def _check_policy(self, verified: VerifiedManifest, current: Current, now: int,
                       force: bool) -> HostEntry:
         m = verified.manifest
-        digest = sha256_hex(verified.manifest_bytes)
+        digest = verified.manifest_sha256
         entry = policy.host_entry(m, self.config)
         policy.check_replay(m, digest, current)
         policy.check_expiry(m, now, self.config.clock_skew)
@@ -259,7 +263,7 @@ class Host:
                 entry = self._check_policy(verified, current, self.now(current), force)
                 chosen["entry"] = entry
                 needed = {f.sha256 for f in entry.files if not self.state.has_object(f.sha256)}
-                if not needed and sha256_hex(verified.manifest_bytes) == before.manifest_sha256:
+                if not needed and verified.manifest_sha256 == before.manifest_sha256:
                     # The bundle applied now, with every content in the store (verified
                     # when it was adopted, re-hashed when copied out): the payload can
                     # change nothing, so a 1.7 GB bundle is not read again to re-apply.
@@ -278,7 +282,7 @@ class Host:
 
             try:
                 result = read_bundle(bundle, trust, now, on_manifest=on_manifest,
-                                     host=self.config.host)
+                                     host=self.config.host, known=self._known(current))
                 verified = result.verified
                 report = self._transact(verified, chosen["entry"],
                                         staging if result.payload_read else None, "apply",
@@ -315,7 +319,7 @@ class Host:
         # ``plan`` and ``audit``: drift repair (drift.py) passes a plan of just the
         # drifted files and who/what to record, and otherwise goes the same way.
         m = verified.manifest
-        digest = sha256_hex(verified.manifest_bytes)
+        digest = verified.manifest_sha256
         if plan is None:
             plan = make_plan(self.layout, entry, self._old_entry(current),
                              self.config.allowed_prefixes)

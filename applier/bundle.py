@@ -267,6 +267,7 @@ def read_bundle(path: str | os.PathLike[str], trust: TrustPolicy, now: int,
                 sink: SinkFactory | None = None,
                 on_manifest: Callable[[VerifiedManifest], SinkFactory | None] | None = None,
                 host: str | None = None,
+                known: Callable[[str], Manifest | None] | None = None,
                 ) -> ReadResult:
     """Verify a whole bundle in one streaming pass; optionally stage members via a sink.
 
@@ -274,11 +275,12 @@ def read_bundle(path: str | os.PathLike[str], trust: TrustPolicy, now: int,
     read: the host uses it to apply policy and choose which blobs to stage; it returns
     ``PAYLOAD_NOT_NEEDED`` when nothing in the payload can change the outcome (then the
     payload is not read, and ``ReadResult.payload_read`` says so). ``host`` parses only
-    that host's view of the manifest (``Manifest.from_bytes``).
+    that host's view of the manifest (``Manifest.from_bytes``); ``known`` is passed to
+    ``verify_manifest``.
     """
     with BundleFile(path) as bundle:
         manifest_bytes, sig_bytes = bundle.signed_part()
-        verified = verify_manifest(manifest_bytes, sig_bytes, trust, now, host)
+        verified = verify_manifest(manifest_bytes, sig_bytes, trust, now, host, known)
         if on_manifest is not None:
             chosen = on_manifest(verified)
             if chosen is PAYLOAD_NOT_NEEDED:

@@ -425,10 +425,8 @@ class Manifest:
 
     # -- (de)serialisation -------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        if self.view_of is not None:
-            raise ValueError("a host's view of a manifest is not the manifest: "
-                             "use the signed bytes")
+    def _head(self) -> dict[str, Any]:
+        """Every top-level field but ``hosts``."""
         return {
             "format": self.format,
             "bundle_id": self.bundle_id,
@@ -437,11 +435,36 @@ class Manifest:
             "expires": self.expires,
             "source": self.source.to_dict(),
             "builder": self.builder,
-            "hosts": {name: {"files": [f.to_dict() for f in h.files]}
-                      for name, h in self.hosts.items()},
             "git": self.git.to_dict(),
             "trust": None if self.trust is None else self.trust.to_dict(),
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.view_of is not None:
+            raise ValueError("a host's view of a manifest is not the manifest: "
+                             "use the signed bytes")
+        return {**self._head(),
+                "hosts": {name: {"files": [f.to_dict() for f in h.files]}
+                          for name, h in self.hosts.items()}}
+
+    def view_rest(self) -> dict[str, Any]:
+        """A host's view without its own files: what a host keeps beside them (state.py)
+        to rebuild the view of bytes it already verified and parsed, with ``from_view``."""
+        return {"head": self._head(), "host_names": list(self.host_names),
+                "blobs": dict(self._blob_sizes)}
+
+    @classmethod
+    def from_view(cls, rest: Any, host: str, entry: HostEntry | None) -> Manifest:
+        """Rebuild (and re-check) a host's view from ``view_rest()`` and its own files."""
+        rest = _obj(rest, "view", {"head", "host_names", "blobs"}, set())
+        if not isinstance(rest["host_names"], list) or not isinstance(rest["blobs"], dict):
+            raise _fail("view", "host_names must be a list and blobs an object")
+        head = _obj(rest["head"], "view.head", {"format", "bundle_id", "sequence", "created",
+                                                "expires", "source", "builder", "git",
+                                                "trust"}, set())
+        return cls._from_head(head, {} if entry is None else {host: entry}, {
+            "view_of": host, "host_names": tuple(rest["host_names"]),
+            "blob_table": rest["blobs"]})
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -476,6 +499,14 @@ class Manifest:
         if host is not None:
             view = {"view_of": host, "host_names": tuple(raw_files),
                     "blob_table": _blob_table(raw_files)}
+        return cls._from_head(d, hosts, view)
+
+    @classmethod
+    def _from_head(cls, d: dict[str, Any], hosts: dict[str, HostEntry],
+                   view: dict[str, Any]) -> Manifest:
+        fmt = _int(d["format"], "format", 0, 1 << 31)
+        if fmt != FORMAT_VERSION:
+            raise _fail("format", f"unsupported format version {fmt}")
         expires = d["expires"]
         return cls(
             format=fmt,

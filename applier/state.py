@@ -20,6 +20,7 @@ Every write goes through ``_fs.atomic_write``. Not for: the transaction itself.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from applier import _faults, _fs
-from applier.errors import StateError
+from applier.errors import ManifestError, StateError
 from applier.manifest import FileEntry, HostEntry, Manifest, canonical_json
 from applier.paths import HostLayout
 
@@ -140,10 +141,38 @@ class State:
         if entry is not None:
             part = {"host": host, "files": [f.to_dict() for f in entry.files]}
             _fs.atomic_write(d / "host.json", canonical_json(part), 0o600, fault="retain-host")
+        view = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "host": host,
+                **manifest.view_rest()}
+        _fs.atomic_write(d / "view.json", canonical_json(view), 0o600, fault="retain-view")
         meta = {"applied_at": int(time.time()), "applied_ns": time.time_ns(),
                 "sequence": manifest.sequence, "commit": manifest.source.commit}
         # meta.json last: a retained bundle without it is incomplete and ignored.
         _fs.atomic_write(d / "meta.json", _dumps(meta), 0o600, fault="retain-meta")
+
+    def known_view(self, current: Current, digest: str, host: str) -> Manifest | None:
+        """This host's view of the current bundle's manifest, if ``digest`` is its SHA-256.
+
+        Rebuilt (and re-checked) from view.json and host.json, which were written from
+        the view parsed when those exact bytes were verified; None when they are missing
+        or unreadable, and the caller parses the signed bytes instead.
+        """
+        if current.bundle_id is None or current.manifest_sha256 != digest:
+            return None
+        d = self.layout.bundles / current.bundle_id
+        try:
+            rest = json.loads((d / "view.json").read_bytes())
+            if rest.pop("manifest_sha256") != digest or rest.pop("host") != host:
+                return None
+            entry = None
+            if host in rest["host_names"]:
+                part = json.loads((d / "host.json").read_bytes())
+                entry = HostEntry(tuple(FileEntry.from_dict(f, f"{d}/host.json")
+                                        for f in part["files"]))
+            return Manifest.from_view(rest, host, entry)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ManifestError) as e:
+            # The signed bytes are the authority: parse them.
+            logger.debug("%s: no usable view of the current bundle (%s); parsing it", d, e)
+            return None
 
     def retained(self) -> list[Retained]:
         """Every retained bundle, oldest applied first."""

@@ -13,6 +13,8 @@ JSON is parsed, so a forged manifest never reaches the parser.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from applier.manifest import Manifest
@@ -37,17 +39,26 @@ class VerifiedManifest:
     signers: tuple[VerifiedSigner, ...]
     manifest_bytes: bytes
     signature_bytes: bytes
+    manifest_sha256: str
 
 
 def verify_manifest(manifest_bytes: bytes, signature_bytes: bytes, trust: TrustPolicy,
-                    now: int, host: str | None = None) -> VerifiedManifest:
+                    now: int, host: str | None = None,
+                    known: Callable[[str], Manifest | None] | None = None,
+                    ) -> VerifiedManifest:
     """Check signatures over ``manifest_bytes``, then parse them; raise on any failure.
 
     With ``host``, the manifest returned is that host's view (``Manifest.from_bytes``).
+    ``known`` maps a manifest's SHA-256 to the view this host built when it verified
+    those very bytes before (or None): the signatures are checked all the same, only
+    the parse is spared (a fleet manifest is tens of MB of JSON).
     """
     signers = verify_manifest_signatures(
         manifest_bytes, signature_bytes, trust.signers, now,
         threshold=trust.threshold, namespace=NAMESPACE,
     )
-    manifest = Manifest.from_bytes(manifest_bytes, host)
-    return VerifiedManifest(manifest, signers, manifest_bytes, signature_bytes)
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    manifest = known(digest) if known is not None else None
+    if manifest is None:
+        manifest = Manifest.from_bytes(manifest_bytes, host)
+    return VerifiedManifest(manifest, signers, manifest_bytes, signature_bytes, digest)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from applier.apply import Host
-from applier.errors import DigestMismatchError, ExitCode, ManifestError
+from applier.errors import DigestMismatchError, ExitCode, ManifestError, VerificationError
 from applier.manifest import Manifest, canonical_json
 from applier.state import State
 
@@ -181,3 +181,35 @@ def test_a_new_bundle_is_always_read_in_full(
     with pytest.raises(DigestMismatchError):
         host.apply(damaged)
     assert json.loads((host.layout.current).read_bytes())["sequence"] == 1
+
+
+def test_reapplying_the_current_bundle_reuses_the_view_it_kept(
+        root: Path, tmp_path: Path, signing_key: KeyPair, other_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = fleet()
+    bundle = spec.write(tmp_path / "b.tar", signing_key)
+    Host(root).apply(bundle)
+    parsed: list[str | None] = []
+    real = Manifest.from_bytes
+
+    def spy(data: bytes, host: str | None = None) -> Manifest:
+        parsed.append(host)
+        return real(data, host)
+
+    monkeypatch.setattr(Manifest, "from_bytes", staticmethod(spy))
+    report = Host(root).apply(bundle)
+    assert report.noop
+    assert parsed == []  # the manifest was not parsed again ...
+    # ... but its signatures were checked: the same bytes signed by an untrusted key.
+    with pytest.raises(VerificationError):
+        Host(root).apply(spec.write(tmp_path / "untrusted.tar", other_key))
+    # A damaged view falls back to the signed bytes.
+    view = root / "var/lib/gitops-apply/bundles" / spec.manifest().bundle_id / "view.json"
+    view.write_text("{")
+    assert Host(root).apply(bundle).noop
+    assert parsed == ["frodo"]
+    # So does one kept for other bytes.
+    rest = real(spec.manifest().to_bytes(), "frodo").view_rest()
+    view.write_text(json.dumps({**rest, "host": "frodo", "manifest_sha256": "0" * 64}))
+    assert Host(root).apply(bundle).noop
+    assert parsed == ["frodo", "frodo"]
