@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from applier.errors import HostConfigError
 from applier.manifest import DRIFT_POLICIES, DriftPolicy, check_target_path
 
@@ -114,6 +112,8 @@ class HostConfig:
         return out
 
     def to_yaml(self) -> str:
+        import yaml  # noqa: PLC0415 - see load()
+
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
@@ -126,6 +126,11 @@ class HostConfig:
                 "--allowed-signers FILE)") from None
         except OSError as e:
             raise HostConfigError(f"{path}: cannot read: {e.strerror}") from e
+        # Imported here: importing PyYAML compiles its reader's large Unicode regex, a
+        # tenth of a no-op apply's CPU time, and commands that never read the config
+        # (history, --help) need not pay for it.
+        import yaml  # noqa: PLC0415
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -2,8 +2,9 @@
 
 A no-op re-apply or a ``status`` is mostly interpreter start-up and imports, so the
 modules only some commands need (cryptography for a signature, subprocess for a
-command, drift, watch, metrics) must not creep back onto every command's path. Each
-command runs in a fresh interpreter that then lists the modules it loaded.
+command, PyYAML for the host config, drift, watch, metrics) must not creep back onto
+every command's path. Each command runs in a fresh interpreter that then lists the
+modules it loaded.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ with open(sys.argv[1], "w") as f:
 
 # Loaded only by the commands (or the steps of one) that need them.
 ON_DEMAND = {"applier.drift", "applier.watch", "applier.metrics", "cryptography",
-             "subprocess", "difflib", "secrets"}
+             "subprocess", "difflib", "secrets", "yaml"}
 
 
 def loaded(tmp_path: Path, root: Path, *args: str) -> set[str]:
@@ -52,12 +53,12 @@ def applied(root: Path, tmp_path: Path, signing_key: KeyPair) -> Path:
 
 
 @pytest.mark.parametrize(("args", "needed"), [
-    (("status",), {"applier.drift"}),
-    (("history",), set()),
-    (("drift",), {"applier.drift", "applier.metrics"}),
-    (("verify", "BUNDLE"), {"cryptography"}),
+    (("status",), {"yaml", "applier.drift"}),
+    (("history",), set()),  # reads only the audit log, not even the host config
+    (("drift",), {"yaml", "applier.drift", "applier.metrics"}),
+    (("verify", "BUNDLE"), {"yaml", "cryptography"}),
     # Reads the metrics target after the command; no command runs, nothing to diff.
-    (("apply", "BUNDLE"), {"cryptography", "applier.metrics"}),
+    (("apply", "BUNDLE"), {"yaml", "cryptography", "applier.metrics"}),
 ], ids=["status", "history", "drift-check", "verify", "no-op-apply"])
 def test_command_imports_only_what_it_needs(
         root: Path, tmp_path: Path, applied: Path, capsys: pytest.CaptureFixture[str],
