@@ -121,6 +121,8 @@ class Config:
         # and the interpreter's bin directory (where the console scripts are) goes.
         text = text.replace(str(self.work), "$WORK")
         text = text.replace(str(Path(sys.executable).parent) + "/", "")
+        if self.ansible is not None:
+            text = text.replace(str(self.ansible.parent) + "/", "")
         if text not in self.commands:
             self.commands.append(text)
 
