@@ -443,8 +443,18 @@ class Manifest:
         if self.view_of is not None:
             raise ValueError("a host's view of a manifest is not the manifest: "
                              "use the signed bytes")
+        # A file shared by many hosts (same path, content and mode: one equal entry) is
+        # serialised once; 100,000 of a 200-host fleet's 110,000 entries are such.
+        memo: dict[FileEntry, dict[str, Any]] = {}
+
+        def entry(f: FileEntry) -> dict[str, Any]:
+            d = memo.get(f)
+            if d is None:
+                d = memo[f] = f.to_dict()
+            return d
+
         return {**self._head(),
-                "hosts": {name: {"files": [f.to_dict() for f in h.files]}
+                "hosts": {name: {"files": [entry(f) for f in h.files]}
                           for name, h in self.hosts.items()}}
 
     def view_rest(self) -> dict[str, Any]:
