@@ -4,6 +4,12 @@
 waited for, so it cannot tell two steps apart; ``wait4`` returns the rusage of the one
 child it reaps (its ``ru_maxrss`` is the largest of that process and the descendants it
 waited for, e.g. the builder's git subprocesses). Not for: deciding what to run.
+
+But Linux also carries into a child's ``ru_maxrss`` the high-water mark of the process
+that forked it, from before its ``exec``: measured straight from this process (about
+150 MiB once it has generated ``big``), every small command would show that. So each
+command is started by a tiny launcher (``python -S``, a few MiB) that forks, execs the
+command, and reports the command's own ``wait4`` figures and wall time.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -59,15 +66,40 @@ class Series:
         return len(self.samples)
 
 
+_LAUNCHER = """\
+import os, sys, time
+fd = int(sys.argv[1])
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.close(fd)
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - start
+os.write(fd, b"%d %.9f" % (usage.ru_maxrss, wall))
+os._exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def run(argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None = None,
         cwd: Path | None = None, timeout: float | None = None,
         ok_codes: tuple[int, ...] = (0,)) -> Sample:
     """Run ``argv`` once; raise ``BenchError`` (with its stderr tail) if it fails."""
-    with tempfile.TemporaryFile() as err:
+    read_end, write_end = os.pipe()
+    with tempfile.TemporaryFile() as err, os.fdopen(read_end, "rb") as report:
         start = time.perf_counter()
-        proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL,
-                                stderr=err, env=dict(env) if env is not None else None,
-                                cwd=cwd, start_new_session=True)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-S", "-c", _LAUNCHER, str(write_end),
+                 *(str(a) for a in argv)],
+                stdout=subprocess.DEVNULL, stderr=err, pass_fds=(write_end,),
+                env=dict(env) if env is not None else None, cwd=cwd,
+                start_new_session=True)
+        finally:
+            os.close(write_end)
         fired = threading.Event()
 
         def kill() -> None:
@@ -92,7 +124,11 @@ def run(argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None
             tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
             cmd = " ".join(str(a) for a in argv)
             raise BenchError(f"`{cmd}` exited {proc.returncode}: " + " | ".join(tail))
-    return Sample(wall, usage.ru_maxrss)
+        measured = report.read().split()
+    if len(measured) != 2:
+        raise BenchError(f"`{argv[0]}`: the launcher reported nothing")
+    # The command's own figures: without the launcher's start-up, and with its peak RSS.
+    return Sample(float(measured[1]), int(measured[0]))
 
 
 def sync() -> None:

@@ -126,7 +126,9 @@ def render(rows: list[Row], info: dict[str, str], settings: dict[str, str],
              ("Times are wall-clock medians of the timed runs after warm-up; ratios compare "
              "runs made side by side in the same run, which is what counts on a shared "
              "machine. Peak RSS is `ru_maxrss` of our command's process from `os.wait4` "
-             "(it includes its largest waited-for child, e.g. git)."), "",
+             "(it includes its largest waited-for child, e.g. git), taken by a small "
+             "launcher that forks and execs the command, so it is the command's own "
+             "(see bench/measure.py); times are measured by the same launcher."), "",
              "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in settings.items()]
