@@ -119,6 +119,9 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
     if dirty:
         logger.warning("the working tree has uncommitted changes; they are NOT in the bundle "
                        "(building commit %s)", commit[:12])
+    # No monitor thread: it only tunes refresh rates, and a thread in this process
+    # would keep render_fleet from forking its workers (render.py).
+    tqdm.monitor_interval = 0
     with tqdm(desc="rendering", unit="host", file=sys.stderr, leave=False,
               disable=not sys.stderr.isatty()) as bar:
         fleet = render_fleet(repo, commit, opts.subpath,
