@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -475,6 +476,21 @@ def test_parallel_rendering_equals_serial(fleet: FleetRepo) -> None:
     assert len(done) > 1  # progress came per chunk, not once at the end
     # Hosts that share a port share the rendered bytes: stored once.
     assert len(serial.contents) < sum(len(h.files) for h in serial.hosts.values())
+
+
+def test_workers_started_beside_another_thread_render_the_same(fleet: FleetRepo) -> None:
+    # With no other thread the workers are forked; a live thread (a progress bar's
+    # monitor, a caller's) makes render_fleet use forkserver instead.
+    many_hosts(fleet, 20)
+    forked = render(fleet, jobs=2)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        assert render(fleet, jobs=2) == forked == render(fleet, jobs=1)
+    finally:
+        stop.set()
+        other.join()
 
 
 def test_default_jobs_uses_processes_for_many_hosts(fleet: FleetRepo) -> None:
