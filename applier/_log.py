@@ -33,8 +33,22 @@ def under_systemd() -> bool:
     return "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the one at set-up:
+    a caller that swaps it (a test runner, click's CliRunner) and closes its stream must
+    not leave later records writing to a closed file."""
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        del value  # always sys.stderr
+
+
 def setup(prog: str, verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_Formatter(prog, under_systemd()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
