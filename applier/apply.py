@@ -404,8 +404,7 @@ class Host:
     def _commit(self, verified: VerifiedManifest, staging: Path | None, current: Current,
                 txid: str, digest: str) -> None:
         m = verified.manifest
-        self.state.retain(m, verified.manifest_bytes, verified.signature_bytes,
-                          self.config.host)
+        self.state.retain(verified, self.config.host)
         if staging is not None and staging.is_dir():
             self.state.adopt_objects(sorted(staging.iterdir()))
         self.state.write_current(Current(

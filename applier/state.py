@@ -20,7 +20,6 @@ Every write goes through ``_fs.atomic_write``. Not for: the transaction itself.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -29,12 +28,15 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from applier import _faults, _fs
 from applier.errors import ManifestError, StateError
 from applier.manifest import FileEntry, HostEntry, Manifest, canonical_json
 from applier.paths import HostLayout
+
+if TYPE_CHECKING:
+    from applier.verify import VerifiedManifest
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +86,14 @@ class Retained:
     def host_entry(self, host: str) -> HostEntry | None:
         """This host's files in the bundle, from host.json when it was written."""
         try:
-            data = json.loads((self.directory / "host.json").read_bytes())
+            entry = _host_part(self.directory, host)
         except FileNotFoundError:
-            return Manifest.from_bytes(self.manifest_bytes, host).hosts.get(host)
+            entry = None
         except ValueError as e:
             raise StateError(f"{self.directory}/host.json: corrupt state file: {e}") from e
-        if data.get("host") != host:
+        if entry is None:  # retained before host.json existed, or for another host
             return Manifest.from_bytes(self.manifest_bytes, host).hosts.get(host)
-        return HostEntry(tuple(FileEntry.from_dict(f, f"{self.directory}/host.json")
-                               for f in data["files"]))
+        return entry
 
     def content_digests(self) -> set[str]:
         """Every blob this retained bundle may need from the content store."""
@@ -101,6 +102,17 @@ class Retained:
             return {f["sha256"] for f in data["files"]}
         except (FileNotFoundError, ValueError, KeyError):
             return {f.sha256 for h in self.manifest.hosts.values() for f in h.files}
+
+
+def _host_part(directory: Path, host: str) -> HostEntry | None:
+    """The host.json of a retained bundle, if it holds ``host``'s files (None if it
+    holds another host's). Raises OSError (FileNotFoundError when it was never
+    written) and ValueError/KeyError/TypeError/ManifestError for a damaged one."""
+    data = json.loads((directory / "host.json").read_bytes())
+    if data.get("host") != host:
+        return None
+    return HostEntry(tuple(FileEntry.from_dict(f, f"{directory}/host.json")
+                           for f in data["files"]))
 
 
 class State:
@@ -131,17 +143,19 @@ class State:
 
     # -- retained bundles ------------------------------------------------------------
 
-    def retain(self, manifest: Manifest, manifest_bytes: bytes, signature_bytes: bytes,
-               host: str) -> None:
+    def retain(self, verified: VerifiedManifest, host: str) -> None:
+        manifest = verified.manifest
         d = self.layout.bundles / manifest.bundle_id
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _fs.atomic_write(d / "manifest.json", manifest_bytes, 0o600, fault="retain-manifest")
-        _fs.atomic_write(d / "manifest.json.sig", signature_bytes, 0o600, fault="retain-sig")
+        _fs.atomic_write(d / "manifest.json", verified.manifest_bytes, 0o600,
+                         fault="retain-manifest")
+        _fs.atomic_write(d / "manifest.json.sig", verified.signature_bytes, 0o600,
+                         fault="retain-sig")
         entry = manifest.hosts.get(host)
         if entry is not None:
             part = {"host": host, "files": [f.to_dict() for f in entry.files]}
             _fs.atomic_write(d / "host.json", canonical_json(part), 0o600, fault="retain-host")
-        view = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "host": host,
+        view = {"manifest_sha256": verified.manifest_sha256, "host": host,
                 **manifest.view_rest()}
         _fs.atomic_write(d / "view.json", canonical_json(view), 0o600, fault="retain-view")
         meta = {"applied_at": int(time.time()), "applied_ns": time.time_ns(),
@@ -163,11 +177,7 @@ class State:
             rest = json.loads((d / "view.json").read_bytes())
             if rest.pop("manifest_sha256") != digest or rest.pop("host") != host:
                 return None
-            entry = None
-            if host in rest["host_names"]:
-                part = json.loads((d / "host.json").read_bytes())
-                entry = HostEntry(tuple(FileEntry.from_dict(f, f"{d}/host.json")
-                                        for f in part["files"]))
+            entry = _host_part(d, host) if host in rest["host_names"] else None
             return Manifest.from_view(rest, host, entry)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ManifestError) as e:
             # The signed bytes are the authority: parse them.
