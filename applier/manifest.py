@@ -18,7 +18,7 @@ import json
 import posixpath
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +38,10 @@ _BUNDLE_ID = re.compile(r"[0-9]{1,19}-[0-9a-f]{12}")
 _MODE = re.compile(r"[0-7]{4}")
 _REF = re.compile(r"refs/[A-Za-z0-9._/-]{1,200}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# Every top-level manifest field but "hosts" (what ``Manifest._head`` writes).
+_HEAD_FIELDS = frozenset({"format", "bundle_id", "sequence", "created", "expires", "source",
+                          "builder", "git", "trust"})
 
 MAX_FILE_SIZE = 1 << 40
 MAX_COMMAND_TIMEOUT = 86_400
@@ -59,7 +63,7 @@ def _fail(where: str, what: str) -> ManifestError:
     return ManifestError(f"manifest {where}: {what}")
 
 
-def _obj(value: Any, where: str, required: set[str], optional: set[str]) -> dict[str, Any]:
+def _obj(value: Any, where: str, required: Set[str], optional: Set[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _fail(where, "must be an object")
     missing = required - value.keys()
@@ -469,9 +473,7 @@ class Manifest:
         rest = _obj(rest, "view", {"head", "host_names", "blobs"}, set())
         if not isinstance(rest["host_names"], list) or not isinstance(rest["blobs"], dict):
             raise _fail("view", "host_names must be a list and blobs an object")
-        head = _obj(rest["head"], "view.head", {"format", "bundle_id", "sequence", "created",
-                                                "expires", "source", "builder", "git",
-                                                "trust"}, set())
+        head = _obj(rest["head"], "view.head", _HEAD_FIELDS, set())
         return cls._from_head(head, {} if entry is None else {host: entry}, {
             "view_of": host, "host_names": tuple(rest["host_names"]),
             "blob_table": rest["blobs"]})
@@ -482,8 +484,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: Any, host: str | None = None) -> Manifest:
         """The manifest, or with ``host`` that host's view of it (see ``from_bytes``)."""
-        d = _obj(d, "", {"format", "bundle_id", "sequence", "created", "expires", "source",
-                         "builder", "hosts", "git", "trust"}, set())
+        d = _obj(d, "", _HEAD_FIELDS | {"hosts"}, set())
         # The format version is checked first so a future format fails with that reason.
         fmt = _int(d["format"], "format", 0, 1 << 31)
         if fmt != FORMAT_VERSION:
