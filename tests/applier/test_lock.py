@@ -39,6 +39,12 @@ def lock_holder(root: Path) -> int | None:
         os.close(fd)
 
 
+def start_apply(root: Path, bundle: Path) -> subprocess.Popen[str]:
+    """The first, lock-holding apply, running in the background."""
+    return subprocess.Popen(cli(root, "apply", str(bundle)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def wait_for_holder(root: Path, proc: subprocess.Popen[str], timeout: float = 20) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -67,8 +73,7 @@ def managed(root: Path) -> dict[str, tuple[int, int, int, str]]:
 def test_second_apply_fails_with_locked_naming_the_holder(
         root: Path, tmp_path: Path, signing_key: KeyPair) -> None:
     a, b = bundles(tmp_path, signing_key, hold=3)
-    first = subprocess.Popen(cli(root, "apply", str(a)), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = start_apply(root, a)
     try:
         assert wait_for_holder(root, first) == first.pid
         second = subprocess.run(cli(root, "apply", str(b)), capture_output=True, text=True,
@@ -89,8 +94,7 @@ def test_second_apply_fails_with_locked_naming_the_holder(
 def test_second_apply_with_wait_runs_after_the_first_and_one_bundle_remains(
         root: Path, tmp_path: Path, signing_key: KeyPair) -> None:
     a, b = bundles(tmp_path, signing_key, hold=2)
-    first = subprocess.Popen(cli(root, "apply", str(a)), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = start_apply(root, a)
     wait_for_holder(root, first)
     start = time.monotonic()
     second = subprocess.run(cli(root, "--wait", "60", "apply", str(b)), capture_output=True,
@@ -111,8 +115,7 @@ def test_second_apply_with_wait_runs_after_the_first_and_one_bundle_remains(
 def test_wait_gives_up_after_its_timeout(
         root: Path, tmp_path: Path, signing_key: KeyPair) -> None:
     a, b = bundles(tmp_path, signing_key, hold=4)
-    first = subprocess.Popen(cli(root, "apply", str(a)), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = start_apply(root, a)
     try:
         wait_for_holder(root, first)
         start = time.monotonic()
