@@ -11,7 +11,6 @@ the transaction back. Not for: printing (cli.py) or the format (bundle.py).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -110,10 +109,6 @@ class _StagingSink:
         with contextlib.suppress(OSError):  # the flush of a doomed file may fail too
             self._f.close()
         _fs.remove_quietly(self.path)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def init_host(root: Path, host: str, allowed_signers: Path, force: bool = False,

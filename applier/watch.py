@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from applier import _fs
-from applier.apply import sha256_hex
 from applier.bundle import BundleFile
 from applier.errors import (
     ApplierError,
@@ -226,7 +225,7 @@ class Watcher:
         current = self.host.state.current()
         verified = verify_manifest(manifest_bytes, sig, self.host.trust(),
                                    self.host.now(current), self.host.config.host)
-        return verified.manifest.sequence, sha256_hex(manifest_bytes)
+        return verified.manifest.sequence, verified.manifest_sha256
 
     def _settle_failure(self, path: Path, st: os.stat_result, e: Exception) -> Outcome:
         try:
