@@ -55,13 +55,14 @@ PLAYBOOK = """\
 """
 
 
-def _tool(name: str, module: str) -> list[str]:
-    path = shutil.which(name)
-    return [path] if path else [sys.executable, "-m", module]
+def dev_tools() -> tuple[list[str], list[str]]:
+    """``gitops-bundle`` and ``gitops-apply`` of the environment running the benchmark."""
 
+    def tool(name: str, module: str) -> list[str]:
+        path = shutil.which(name)
+        return [path] if path else [sys.executable, "-m", module]
 
-BUNDLE = _tool("gitops-bundle", "bundler.cli")
-APPLY = _tool("gitops-apply", "applier.cli")
+    return tool("gitops-bundle", "bundler.cli"), tool("gitops-apply", "applier.cli")
 
 
 @dataclass
@@ -114,13 +115,18 @@ class Config:
     signers: Path = field(default_factory=Path)
     env: dict[str, str] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)  # one example of each, for results.md
+    # The measured commands and the interpreter they run on (main.install_tool).
+    bundle_cmd: list[str] = field(default_factory=lambda: dev_tools()[0])
+    apply_cmd: list[str] = field(default_factory=lambda: dev_tools()[1])
+    python: str = sys.executable
 
     def log(self, argv: Sequence[str | os.PathLike[str]]) -> None:
         text = " ".join(str(a) for a in argv)
         # Results name commands, not this machine's paths: the work dir becomes $WORK
         # and the interpreter's bin directory (where the console scripts are) goes.
-        text = text.replace(str(self.work), "$WORK")
+        text = text.replace(str(Path(self.python).parent) + "/", "")
         text = text.replace(str(Path(sys.executable).parent) + "/", "")
+        text = text.replace(str(self.work), "$WORK")
         if self.ansible is not None:
             text = text.replace(str(self.ansible.parent) + "/", "")
         if text not in self.commands:
@@ -183,11 +189,11 @@ class WorkloadBench:
         return ["bash", "-c", script, "bench", *[str(a) for a in args]]
 
     def _build(self, commit: str, out: Path) -> list[str]:
-        return [*BUNDLE, "build", str(self.wl.repo), "--rev", commit, "--key",
+        return [*self.cfg.bundle_cmd, "build", str(self.wl.repo), "--rev", commit, "--key",
                 str(self.cfg.key), "-o", str(out)]
 
     def _apply(self, root: Path, *args: str | os.PathLike[str]) -> list[str]:
-        return [*APPLY, "--root", str(root), *[str(a) for a in args]]
+        return [*self.cfg.apply_cmd, "--root", str(root), *[str(a) for a in args]]
 
     def _init(self, root: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
@@ -212,7 +218,7 @@ class WorkloadBench:
         run(self._build(wl.base, bundle), env=self.cfg.env)  # warm-up for the builds
         run(self._bash(ARCHIVE, wl.repo, wl.base, archive), env=self.cfg.env)
         self.sizes = {"bundle": bundle.stat().st_size, "archive": archive.stat().st_size}
-        render = self._series([sys.executable, "-c", RENDER_ONLY, str(wl.repo), wl.base])
+        render = self._series([self.cfg.python, "-c", RENDER_ONLY, str(wl.repo), wl.base])
 
         vroot = self.dir / "verify-root"
         self._init(vroot)
@@ -279,7 +285,7 @@ class WorkloadBench:
         self._row("render only (in build)", render)
         cores = os.cpu_count() or 1
         if wl.name == "fleet" and cores > 1:
-            one = self._series([sys.executable, "-c", RENDER_ONLY, str(wl.repo), wl.base, "1"])
+            one = self._series([self.cfg.python, "-c", RENDER_ONLY, str(wl.repo), wl.base, "1"])
             self._row(f"render on {cores} cores", render, "render in 1 process", one,
                       "< 0.8x (both cores used)", "within", 0.8)
         self._row("apply, one file changed", changed)
@@ -288,13 +294,8 @@ class WorkloadBench:
             self._row("apply, one file changed", changed, "ansible-playbook", a_change[0],
                       note=a_change[1])
 
-        if _has_drift():
-            drift = self._series(self._apply(self.root, "drift"))
-            self._row("drift check", drift, "sha256sum of files", self._series(
-                self._hash_files()))
-        else:
-            self._row("drift check", Series(note="n/a"),
-                      note="`gitops-apply drift` not available in this tree yet")
+        drift = self._series(self._apply(self.root, "drift"))
+        self._row("drift check", drift, "sha256sum of files", self._series(self._hash_files()))
 
         rollback = Series()
         for i in range(len(wl.changes)):
@@ -307,7 +308,7 @@ class WorkloadBench:
         return self.rows
 
     def _managed_list(self, bundle: Path) -> None:
-        out = subprocess.run([*BUNDLE, "inspect", "--json", str(bundle)], check=True,
+        out = subprocess.run([*self.cfg.bundle_cmd, "inspect", "--json", str(bundle)], check=True,
                              capture_output=True, env=self.cfg.env).stdout
         self.managed = json.loads(out)["hosts"][self.wl.host]["files"]
         rel = [f["path"].lstrip("/") for f in self.managed]
@@ -418,16 +419,6 @@ def _plus(a: Series, b: Series) -> Series:
     """A synthetic series: a's samples each plus b's median (archive + render)."""
     extra = b.median or 0.0
     return Series([Sample(s.wall + extra, s.maxrss_kib) for s in a.samples])
-
-
-_DRIFT: list[bool] = []
-
-
-def _has_drift() -> bool:
-    if not _DRIFT:
-        r = subprocess.run([*APPLY, "drift", "--help"], capture_output=True, check=False)
-        _DRIFT.append(r.returncode == 0)
-    return _DRIFT[0]
 
 
 def _fmt(v: float | None) -> str:

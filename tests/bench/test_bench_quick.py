@@ -30,5 +30,8 @@ def test_bench_tiny_writes_results(tmp_path: Path) -> None:
         assert f"| {workload} | re-apply, nothing changed |" in text
     assert "| fleet | build | " in text
     assert "CPU:" in text
+    # Measured as a host runs it: our wheel installed into a venv of its own (building
+    # it needs what scripts/test's own install needs), not the checkout.
+    assert "- tool measured: our wheel" in text
     # The generated repos and roots are cleaned up; only the results and keys remain.
     assert not (tmp_path / "work" / "big-repo").exists()
