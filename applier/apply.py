@@ -15,15 +15,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from applier import _fs, commands, policy, trust_store
 from applier.bundle import PAYLOAD_NOT_NEEDED, BlobSink, SinkFactory, read_bundle
-from applier.config import HostConfig
+from applier.config import HostConfig, write_config
 from applier.errors import (
     ApplierError,
     CommandError,
@@ -129,8 +128,8 @@ def init_host(root: Path, host: str, allowed_signers: Path, force: bool = False,
     config = HostConfig(host=host, threshold=threshold, retain=retain)
     layout.config_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
     _fs.atomic_write(layout.config_dir / config.allowed_signers, text.encode(), 0o644)
-    _fs.atomic_write(layout.config_file, config.to_yaml().encode(), 0o644)
     State(layout).ensure()
+    write_config(config, layout.config_file, layout.config_cache)
     return config
 
 
@@ -144,13 +143,15 @@ class Host:
         self.clock = clock
         self.lock_wait = lock_wait
         self._config: HostConfig | None = None
+        self._config_digest: str | None = None  # parsed from YAML, not yet in the cache
 
     # -- configuration ----------------------------------------------------------------
 
     @property
     def config(self) -> HostConfig:
         if self._config is None:
-            self._config = HostConfig.load(self.layout.config_file)
+            self._config, self._config_digest = HostConfig.load_cached(
+                self.layout.config_file, self.layout.config_cache)
         return self._config
 
     def trust(self) -> TrustPolicy:
@@ -164,8 +165,16 @@ class Host:
     def now(self, current: Current) -> int:
         return policy.effective_now(int(self.clock()), current)
 
-    def locked(self) -> AbstractContextManager[None]:
-        return locked(self.layout, self.lock_wait)
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with locked(self.layout, self.lock_wait):
+            yield
+            # A config.yaml parsed by an operation that succeeded under the lock is
+            # cached for the next command. Not by a read-only command (status, verify),
+            # nor by a refused apply: they change nothing on disk.
+            if self._config is not None and self._config_digest is not None:
+                self._config.store_cache(self.layout.config_cache, self._config_digest)
+                self._config_digest = None
 
     def _values(self) -> dict[str, str]:
         return {"root": self.layout.root_arg}
@@ -287,6 +296,7 @@ class Host:
             if rotations and not dry_run:
                 self._config = trust_store.adopt(self.layout, self.config, self.state,
                                                  rotations[0])
+                self._config_digest = None  # adopt wrote config.yaml and its cache
             report.recovered = recovered
             return report
 

@@ -42,6 +42,11 @@ class HostLayout:
         return self.root / "var/lib/gitops-apply"
 
     @property
+    def config_cache(self) -> Path:
+        """config.yaml already parsed (``HostConfig.load_cached``); derived, never edited."""
+        return self.state_dir / "config.cache.json"
+
+    @property
     def journal(self) -> Path:
         return self.state_dir / "journal.json"
 

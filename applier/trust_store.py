@@ -15,7 +15,7 @@ import dataclasses
 import logging
 
 from applier import _fs
-from applier.config import HostConfig
+from applier.config import HostConfig, write_config
 from applier.errors import HostConfigError
 from applier.paths import HostLayout
 from applier.sshsig import AllowedSigners
@@ -45,8 +45,7 @@ def adopt(layout: HostLayout, config: HostConfig, state: State,
     new_config = dataclasses.replace(config, allowed_signers=name,
                                      threshold=rotation.update.threshold,
                                      trust_sequence=rotation.sequence)
-    _fs.atomic_write(layout.config_file, new_config.to_yaml().encode("utf-8"), 0o644,
-                     fault="trust-config")
+    write_config(new_config, layout.config_file, layout.config_cache, fault="trust-config")
     if config.allowed_signers != name:
         _fs.remove_quietly(layout.config_dir / config.allowed_signers)
     before = {e.key.fingerprint for e in old.entries}

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -184,3 +186,24 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int, str]]:
                 what = "dir"
             out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, what)
     return out
+
+
+# Runs one gitops-apply command in a fresh interpreter, then writes sys.modules to the
+# file argv[1]: what a command imports is part of its start-up cost (test_startup.py).
+PROBE = """\
+import json, sys
+from applier.cli import main
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": code, "modules": sorted(sys.modules)}, f)
+"""
+
+
+def loaded(tmp_path: Path, root: Path, *args: str) -> set[str]:
+    """The modules ``gitops-apply --root ROOT ARGS`` loads, run in a fresh interpreter."""
+    out = tmp_path / "modules.json"
+    subprocess.run([sys.executable, "-c", PROBE, str(out), "--root", str(root), *args],
+                   check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["code"] == 0
+    return set(result["modules"])

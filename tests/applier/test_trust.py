@@ -18,8 +18,10 @@ import yaml
 from hostile import Outcome, frozen_host, run_apply
 
 from applier.apply import Host, init_host
+from applier.config import HostConfig
 from applier.errors import ExitCode
 from applier.manifest import TrustUpdate
+from applier.paths import HostLayout
 from bundler import cli as bundler_cli
 
 from factory import (
@@ -206,6 +208,10 @@ def test_rotation_needs_old_and_new_keys_then_old_key_is_revoked(
     assert cfg["trust_sequence"] == 2
     assert (host / "etc/gitops-apply/allowed_signers.2").read_text() == signers_text(bob)
     assert not (host / "etc/gitops-apply/allowed_signers").exists()
+    # The host config's parse cache follows the rewritten config.yaml, and only it.
+    layout = HostLayout(host)
+    cached, digest = HostConfig.load_cached(layout.config_file, layout.config_cache)
+    assert (cached.trust_sequence, digest) == (2, None)
     [event] = trust_events(host)
     assert event["bundle_id"] == spec(2).manifest().bundle_id
     assert event["revoked"]
