@@ -384,6 +384,19 @@ class _Renderer:
         self._env.filters["quote"] = shlex.quote
         self._inline: dict[str, jinja2.Template] = {}
         self._all_hosts = list(job.config.hosts)
+        # One FileEntry per distinct (spec, dest, content, commands): most files (every
+        # static one with a plain dest) are equal for every host, so a host reuses the
+        # entry an earlier host built instead of building and checking it again, and a
+        # chunk's result pickles each shared entry once (pickle memoises by identity).
+        # The parent unpickled 110,000 entries of a 200-host fleet, serially, before.
+        self._entries: dict[tuple[Any, ...], FileEntry] = {}
+        self._dests: set[str] = set()  # passed check_target_path
+        # The command lists each spec has (most have none; the others default to ()).
+        self._command_kinds = [
+            tuple(kind for kind in ("validate", "check", "on_change", "health")
+                  if getattr(fspec, kind))
+            for fspec in job.config.files
+        ]
 
     def use_reader(self, reader: BlobReader | None) -> None:
         """Read templates not yet compiled through ``reader`` (a worker's next chunk)."""
@@ -397,10 +410,10 @@ class _Renderer:
                        hostvars=job.hostvars)
         files: dict[str, tuple[FileSpec, FileEntry]] = {}
         rendered: dict[str, bytes] = {}
-        for fspec in job.config.files:
+        for i, fspec in enumerate(job.config.files):
             if not fspec.selects(spec):
                 continue
-            entry = self._file(fspec, name, context, rendered)
+            entry = self._file(i, fspec, name, context, rendered)
             if entry.path in files:
                 other = files[entry.path][0]
                 raise RepoConfigError(
@@ -413,15 +426,18 @@ class _Renderer:
             raise RepoConfigError(f"{job.config.path}: host {name}: {e}") from e
         return _HostResult(name=name, entry=host_entry, rendered=rendered)
 
-    def _file(self, fspec: FileSpec, host: str, context: dict[str, Any],
+    def _file(self, index: int, fspec: FileSpec, host: str, context: dict[str, Any],
               rendered: dict[str, bytes]) -> FileEntry:
+        """The entry of ``job.config.files[index]`` for ``host``, shared when equal."""
         job = self._job
         dest = self._inline_render(fspec.dest, fspec, "dest", host, context)
-        try:
-            check_target_path(dest)
-        except ManifestError as e:
-            raise RepoConfigError(f"{fspec.where('dest')}: {dest!r} (host {host}) is not an "
-                                  "absolute, normalised file path") from e
+        if dest not in self._dests:
+            try:
+                check_target_path(dest)
+            except ManifestError as e:
+                raise RepoConfigError(f"{fspec.where('dest')}: {dest!r} (host {host}) is not "
+                                      "an absolute, normalised file path") from e
+            self._dests.add(dest)
         source = job.tree[fspec.src]
         if fspec.is_template:
             data = self._template_render(fspec.src, host, context).encode("utf-8")
@@ -430,21 +446,28 @@ class _Renderer:
             size = len(data)
         else:
             digest, size = job.static[source.oid]
-        mode = fspec.mode if fspec.mode is not None else (
-            0o755 if source.is_executable else 0o644)
         commands = {
             name: tuple(
                 Command(run=self._inline_render(c.run, fspec, f"{name}[{i}]", host, context),
                         timeout=c.timeout, retries=c.retries, delay=c.delay)
                 for i, c in enumerate(getattr(fspec, name))
             )
-            for name in ("validate", "check", "on_change", "health")
+            for name in self._command_kinds[index]
         }
+        # Every other field comes from the spec and its source blob.
+        key = (index, dest, digest, *commands.values())
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry  # built (and so checked) for an earlier host
+        mode = fspec.mode if fspec.mode is not None else (
+            0o755 if source.is_executable else 0o644)
         try:
-            return FileEntry(path=dest, sha256=digest, size=size, mode=mode, owner=fspec.owner,
-                             group=fspec.group, drift=fspec.drift, **commands)
+            entry = FileEntry(path=dest, sha256=digest, size=size, mode=mode, owner=fspec.owner,
+                              group=fspec.group, drift=fspec.drift, **commands)
         except ManifestError as e:
             raise RepoConfigError(f"{fspec.where()}: host {host}: {e}") from e
+        self._entries[key] = entry
+        return entry
 
     def _template_render(self, name: str, host: str, context: dict[str, Any]) -> str:
         display = self._job.prefix + name
