@@ -139,6 +139,8 @@ def _open_regular(path: Path) -> io.BufferedReader:
 
 @dataclass(frozen=True)
 class ReadResult:
+    """A verified bundle: its manifest, compression, and whether its payload was read."""
+
     verified: VerifiedManifest
     compression: str
     payload_read: bool = True

@@ -32,6 +32,8 @@ KILL_GRACE = 5  # seconds to collect output after killing a timed-out command
 
 @dataclass(frozen=True)
 class CommandResult:
+    """How one check, on_change or health command ended, and its output (capped)."""
+
     run: str
     returncode: int | None  # None: did not start or timed out
     output: str

@@ -29,6 +29,8 @@ CommandKind = Literal["check", "on_change", "health"]
 
 @dataclass(frozen=True)
 class Change:
+    """One managed path to add, update or remove, with its entries before and after."""
+
     kind: ChangeKind
     path: str  # as the manifest names it
     real: str  # where it lands after directory symlinks (host path, not under root)
@@ -46,6 +48,8 @@ class Change:
 
 @dataclass(frozen=True)
 class Plan:
+    """What applying an entry changes on this host, and which paths stay as they are."""
+
     changes: tuple[Change, ...]
     unchanged: tuple[str, ...] = ()
 

@@ -514,6 +514,8 @@ def _dequote(opts: str, pos: int) -> tuple[str, int]:
 
 @dataclass
 class _Options:
+    """The options field of one allowed_signers line."""
+
     namespaces: tuple[str, ...] | None = None
     valid_after: int | None = None
     valid_before: int | None = None

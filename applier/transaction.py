@@ -61,6 +61,8 @@ SYNC_ALL_THRESHOLD = 32
 
 @dataclass
 class Op:
+    """One journaled file operation: where its new content waits, where the old went."""
+
     kind: str
     path: str  # manifest path
     real: str  # host path, resolved
@@ -71,6 +73,8 @@ class Op:
 
 @dataclass
 class Journal:
+    """The in-flight transaction as written to journal.json before the first swap."""
+
     txid: str
     purpose: str
     new_bundle: str | None
