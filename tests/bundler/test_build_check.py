@@ -1,0 +1,93 @@
+"""The builder reads every bundle back with the host's reader before it is published.
+
+A build writes a temp file, reads it back as a host would (signature, canonical
+manifest, every member's digest and size) and only then renames it into place. The
+parse of the manifest runs in a forked process beside the writing; these tests hold
+that the read-back still rejects what is not what was signed, that a failure of that
+parse fails the build, and that the bytes are the same whichever way it ran.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from applier.errors import ApplierError, ManifestError
+from applier.manifest import Manifest
+from bundler import build as build_module
+from bundler import writer
+from bundler.build import BuildOptions, build
+from bundler.signing import load_signing_key
+
+from factory import KeyPair
+
+
+def run_build(repo: Path, key: KeyPair, out: Path) -> Path:
+    build(BuildOptions(repo=repo, out=out, compression="none"),
+          load_signing_key(key.private, None))
+    return out
+
+
+def test_a_file_that_is_not_what_was_signed_is_never_published(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def write_then_corrupt(out: Path, *args: Any, **kw: Any) -> int:
+        check = kw["check"]
+
+        def corrupt_then_check(tmp: Path) -> None:
+            data = bytearray(tmp.read_bytes())
+            data[512 + 100] ^= 0x01  # in manifest.json, the first member's content
+            tmp.write_bytes(bytes(data))
+            check(tmp)
+        kw["check"] = corrupt_then_check
+        return writer.write_tar(out, *args, **kw)
+
+    monkeypatch.setattr(build_module, "write_tar", write_then_corrupt)
+    out = tmp_path / "b.tar"
+    with pytest.raises(ApplierError, match="signature"):
+        run_build(fleet_repo, signing_key, out)
+    # Neither the bundle nor its temp file nor the build's scratch dir is left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fleet_repo.name]
+
+
+def test_a_failed_manifest_check_beside_the_writing_fails_the_build(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(data: bytes, host: str | None = None) -> Manifest:
+        raise ManifestError("manifest hosts.frodo: refused by the test")
+
+    # Set before the fork, so the child process parses with it too.
+    monkeypatch.setattr(Manifest, "from_bytes", staticmethod(refuse))
+    out = tmp_path / "b.tar"
+    with pytest.raises(ManifestError, match="refused by the test"):
+        run_build(fleet_repo, signing_key, out)
+    assert not out.exists()
+
+
+def test_the_bytes_do_not_depend_on_where_the_check_ran(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    forked: list[bool] = []
+    real_enter = build_module._ParseBeside.__enter__
+
+    def enter(self: build_module._ParseBeside) -> build_module._ParseBeside:
+        result = real_enter(self)
+        forked.append(self._pool is not None)
+        return result
+
+    monkeypatch.setattr(build_module._ParseBeside, "__enter__", enter)
+    beside = run_build(fleet_repo, signing_key, tmp_path / "a.tar")
+    # Another thread running: no fork (a lock could be held across it), parsed here.
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        here = run_build(fleet_repo, signing_key, tmp_path / "b.tar")
+    finally:
+        stop.set()
+        thread.join()
+    assert forked == [True, False]
+    assert beside.read_bytes() == here.read_bytes()
