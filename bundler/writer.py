@@ -2,8 +2,9 @@
 
 Byte-identical output for identical input is a format promise, so every source of
 variation is pinned: member order (manifest, signature, blobs by digest, git history),
-mtime (the commit time), uid/gid 0, mode 0644, no user names, gzip with mtime 0 and
-no file name, zstd single-threaded at a fixed level. The file is written to a temp
+mtime (the commit time), uid/gid 0, mode 0644, no user names, gzip as one member per
+4 MiB of tar (each with mtime 0 and no file name, compressed on all cores), zstd
+single-threaded at a fixed level. The file is written to a temp
 name beside the output and renamed into place only when complete and verified, so
 a failed build leaves no bundle behind. Not for: choosing the content (build.py).
 """
@@ -14,7 +15,9 @@ import contextlib
 import gzip
 import os
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +29,9 @@ from bundler.errors import BuildError, OutputError
 
 COMPRESSIONS = ("none", "gzip", "zstd")
 GZIP_LEVEL = 6
+# Uncompressed tar bytes per gzip member: fixed, so the output stays byte-identical;
+# large, so splitting costs nothing measurable in size (deflate's window is 32 KiB).
+GZIP_BLOCK = 4 << 20
 ZSTD_LEVEL = 10
 
 
@@ -49,12 +55,64 @@ def compression_for(path: Path, requested: str | None) -> str:
     return "none"
 
 
+def _gzip_member(block: bytes) -> bytes:
+    return gzip.compress(block, compresslevel=GZIP_LEVEL, mtime=0)
+
+
+class _ParallelGzip:
+    """gzip output as a series of members, each one ``GZIP_BLOCK`` of the tar, compressed
+    on every core.
+
+    Compression is most of a build's writing (about 2 s of a 200-host fleet's 53 MB);
+    zlib releases the GIL while it compresses and checksums, so threads use every core.
+    The members are written in order, and at most two per thread are in flight (memory
+    stays bounded for a 1 GiB payload). RFC 1952 and FORMAT.md allow concatenated
+    members; every gzip reader (``gzip -d``, Python's ``gzip``) reads them as one stream.
+    """
+
+    def __init__(self, raw: BinaryIO, threads: int) -> None:
+        self._raw = raw
+        self._buf = bytearray()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gzip")
+        self._pending: deque[Future[bytes]] = deque()
+        self._in_flight = 2 * threads
+        self._members = 0
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        while len(self._buf) >= GZIP_BLOCK:
+            self._submit(bytes(self._buf[:GZIP_BLOCK]))
+            del self._buf[:GZIP_BLOCK]
+        return len(data)
+
+    def _submit(self, block: bytes) -> None:
+        self._pending.append(self._pool.submit(_gzip_member, block))
+        self._members += 1
+        while len(self._pending) > self._in_flight:
+            self._raw.write(self._pending.popleft().result())
+
+    def finish(self) -> None:
+        if self._buf or not self._members:  # an empty stream is one empty member
+            self._submit(bytes(self._buf))
+            self._buf.clear()
+        while self._pending:
+            self._raw.write(self._pending.popleft().result())
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
 @contextlib.contextmanager
 def _compressed(raw: BinaryIO, compression: str) -> Iterator[BinaryIO]:
     if compression == "gzip":
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                           compresslevel=GZIP_LEVEL) as gz:
+        gz = _ParallelGzip(raw, os.cpu_count() or 1)
+        try:
             yield gz  # type: ignore[misc]
+            gz.finish()
+        finally:
+            gz.close()
     elif compression == "zstd":
         try:
             import zstandard  # noqa: PLC0415 - optional dependency
