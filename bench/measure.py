@@ -77,6 +77,7 @@ if pid == 0:
         os.execvp(sys.argv[2], sys.argv[2:])
     finally:
         os._exit(127)
+os.write(fd, b"%12d" % pid)
 _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - start
 os.write(fd, b"%d %.9f" % (usage.ru_maxrss, wall))
@@ -104,8 +105,14 @@ def run(argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None
 
         def kill() -> None:
             fired.set()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            # The command's pid comes first on the pipe. A command that made a session
+            # of its own (ansible-playbook calls setsid) is out of the launcher's group:
+            # its group is killed too, or it outlives the benchmark.
+            command = int(os.read(read_end, 12) or b"0")
+            for group in (command, proc.pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if group > 0:
+                        os.killpg(group, signal.SIGKILL)
 
         timer = threading.Timer(timeout, kill) if timeout else None
         if timer is not None:
@@ -124,7 +131,7 @@ def run(argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None
             tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
             cmd = " ".join(str(a) for a in argv)
             raise BenchError(f"`{cmd}` exited {proc.returncode}: " + " | ".join(tail))
-        measured = report.read().split()
+        measured = report.read().split()[1:]  # after the command's pid
     if len(measured) != 2:
         raise BenchError(f"`{argv[0]}`: the launcher reported nothing")
     # The command's own figures: without the launcher's start-up, and with its peak RSS.

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from bench.measure import run
 
 from conftest import REPO_ROOT, require_tool
 
@@ -35,3 +38,22 @@ def test_bench_tiny_writes_results(tmp_path: Path) -> None:
     assert "- tool measured: our wheel" in text
     # The generated repos and roots are cleaned up; only the results and keys remain.
     assert not (tmp_path / "work" / "big-repo").exists()
+
+
+def test_a_capped_command_is_killed_with_the_session_it_made(tmp_path: Path) -> None:
+    """ansible-playbook calls setsid: at the cap its session goes too, not just the launcher."""
+    pidfile = tmp_path / "pid"
+    script = (f"import os, time; os.setsid(); open({str(pidfile)!r}, 'w').write(str(os.getpid()));"
+              " time.sleep(60)")
+    sample = run([sys.executable, "-c", script], timeout=2)
+    assert sample.timed_out
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):  # dead, waiting for its new parent to reap it
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} outlived the cap")
