@@ -3,7 +3,7 @@
 Byte-identical output for identical input is a format promise, so every source of
 variation is pinned: member order (manifest, signature, blobs by digest, git history),
 mtime (the commit time), uid/gid 0, mode 0644, no user names, gzip as one member per
-4 MiB of tar (each with mtime 0 and no file name, compressed on all cores), zstd
+1 MiB of tar (each with mtime 0 and no file name, compressed on all cores), zstd
 single-threaded at a fixed level. The file is written to a temp
 name beside the output and renamed into place only when complete and verified, so
 a failed build leaves no bundle behind. Not for: choosing the content (build.py).
@@ -31,7 +31,7 @@ COMPRESSIONS = ("none", "gzip", "zstd")
 GZIP_LEVEL = 6
 # Uncompressed tar bytes per gzip member: fixed, so the output stays byte-identical;
 # large, so splitting costs nothing measurable in size (deflate's window is 32 KiB).
-GZIP_BLOCK = 4 << 20
+GZIP_BLOCK = 1 << 20
 ZSTD_LEVEL = 10
 
 
