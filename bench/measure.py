@@ -77,7 +77,7 @@ if pid == 0:
         os.execvp(sys.argv[2], sys.argv[2:])
     finally:
         os._exit(127)
-os.write(fd, b"%12d" % pid)
+os.write(fd, b"%11d\\n" % pid)
 _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - start
 os.write(fd, b"%d %.9f" % (usage.ru_maxrss, wall))
