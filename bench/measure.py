@@ -105,14 +105,15 @@ def run(argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None
 
         def kill() -> None:
             fired.set()
-            # The command's pid comes first on the pipe. A command that made a session
-            # of its own (ansible-playbook calls setsid) is out of the launcher's group:
-            # its group is killed too, or it outlives the benchmark.
+            # The command's pid comes first on the pipe. Processes that left the
+            # launcher's group (Ansible's workers call setsid) would outlive the
+            # benchmark: every descendant of the command is killed, then the group.
             command = int(os.read(read_end, 12) or b"0")
-            for group in (command, proc.pid):
+            for pid in _descendants(command) if command > 0 else []:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    if group > 0:
-                        os.killpg(group, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
         timer = threading.Timer(timeout, kill) if timeout else None
         if timer is not None:
@@ -136,6 +137,24 @@ def run(argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None
         raise BenchError(f"`{argv[0]}`: the launcher reported nothing")
     # The command's own figures: without the launcher's start-up, and with its peak RSS.
     return Sample(float(measured[1]), int(measured[0]))
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, from /proc (parents first)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out = [pid]
+    for p in out:
+        out.extend(children.get(p, []))
+    return out
 
 
 def sync() -> None:

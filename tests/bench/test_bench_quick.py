@@ -40,20 +40,32 @@ def test_bench_tiny_writes_results(tmp_path: Path) -> None:
     assert not (tmp_path / "work" / "big-repo").exists()
 
 
-def test_a_capped_command_is_killed_with_the_session_it_made(tmp_path: Path) -> None:
-    """ansible-playbook calls setsid: at the cap its session goes too, not just the launcher."""
-    pidfile = tmp_path / "pid"
-    script = (f"import os, time; os.setsid(); open({str(pidfile)!r}, 'w').write(str(os.getpid()));"
-              " time.sleep(60)")
-    sample = run([sys.executable, "-c", script], timeout=2)
-    assert sample.timed_out
-    pid = int(pidfile.read_text())
+def gone(pid: int) -> bool:
     for _ in range(50):
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except FileNotFoundError:
-            return
+            return True
         if state in ("Z", "X"):  # dead, waiting for its new parent to reap it
-            return
+            return True
         time.sleep(0.1)
-    raise AssertionError(f"process {pid} outlived the cap")
+    return False
+
+
+def test_a_capped_command_is_killed_with_the_sessions_below_it(tmp_path: Path) -> None:
+    """Ansible's workers call setsid: at the cap they go too, not just the launcher."""
+    pids = tmp_path / "pids"
+    script = ("import os, time\n"
+              "if os.fork() == 0:\n"
+              "    os.setsid()\n"
+              f"    open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+              "    time.sleep(60)\n"
+              "    os._exit(0)\n"
+              "os.setsid()\n"
+              f"open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+              "time.sleep(60)\n")
+    sample = run([sys.executable, "-c", script], timeout=2)
+    assert sample.timed_out
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2
+    assert [p for p in started if not gone(p)] == []
