@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -43,7 +42,7 @@ from applier.sshsig import AllowedSigners, parse_signatures, signature_fingerpri
 from applier.verify import NAMESPACE, TrustPolicy, VerifiedManifest
 from bundler.errors import BuildError
 from bundler.git import GitRepo
-from bundler.render import render_fleet
+from bundler.render import fork_is_safe, render_fleet
 from bundler.signing import SigningKey, sign
 from bundler.writer import Member, compression_for, write_tar
 
@@ -222,7 +221,7 @@ class _ParseBeside:
         self._future: Future[Manifest] | None = None
 
     def __enter__(self) -> Self:
-        if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        if fork_is_safe():
             _BESIDE["job"] = (self.data, self.host)
             try:
                 self._pool = ProcessPoolExecutor(

@@ -289,14 +289,13 @@ def _run(job: _Job, names: list[str], jobs: int,
     size = max(1, math.ceil(len(names) / (jobs * _CHUNKS_PER_JOB)))
     chunks = [names[i:i + size] for i in range(0, len(names), size)]
     # fork is the cheapest start (no new interpreter, no re-import of Jinja2, the job is
-    # not pickled: about 0.5 s of a 200-host render) and safe here: the blob readers are
-    # closed, and with no other thread no lock can be held across the fork. A thread
-    # (a progress bar's monitor, a caller's) means forkserver or spawn instead.
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
+    # not pickled: about 0.5 s of a 200-host render); the blob readers are closed here.
+    # A thread (a progress bar's monitor, a caller's) means forkserver or spawn instead.
+    if fork_is_safe():
         method = "fork"
     else:
-        method = "forkserver" if "forkserver" in methods else "spawn"
+        method = ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                  else "spawn")
     context = multiprocessing.get_context(method)
     by_chunk: dict[int, list[_HostResult]] = {}
     logger.debug("rendering %d hosts in %d chunks on %d processes", len(names), len(chunks),
@@ -310,6 +309,12 @@ def _run(job: _Job, names: list[str], jobs: int,
             if progress is not None:
                 progress(len(chunks[i]))
     return [r for i in range(len(chunks)) for r in by_chunk[i]]
+
+
+def fork_is_safe() -> bool:
+    """Whether this process may fork a worker: fork exists, and no other thread runs
+    (a lock another thread holds would stay held, forever, in the child)."""
+    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
 
 
 _WORKER: dict[str, _Job] = {}
