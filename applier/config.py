@@ -123,10 +123,6 @@ class HostConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def load(cls, path: Path) -> HostConfig:
-        return cls.from_yaml(_read(path), path)
-
-    @classmethod
     def from_yaml(cls, raw: bytes, path: Path) -> HostConfig:
         # Imported here: importing PyYAML compiles its reader's large Unicode regex, a
         # tenth of a no-op apply's CPU time; commands that never read the config

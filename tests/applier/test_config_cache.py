@@ -44,7 +44,8 @@ def cached(root: Path) -> tuple[HostConfig, str | None]:
 def test_init_caches_the_config_it_writes(root: Path) -> None:
     config, digest = cached(root)
     assert digest is None  # a hit: nothing to parse, nothing to store
-    assert config == HostConfig.load(HostLayout(root).config_file)
+    path = HostLayout(root).config_file
+    assert config == HostConfig.from_yaml(path.read_bytes(), path)
 
 
 def test_an_edit_takes_effect_at_the_next_command(
