@@ -37,7 +37,7 @@ from applier.errors import (
 from applier.lock import locked
 from applier.manifest import BLOB_PREFIX, Command, HostEntry, Manifest
 from applier.paths import HostLayout, resolve_target
-from applier.plan import CommandKind, Plan, make_plan
+from applier.plan import CommandKind, Plan, accounts_cached, make_plan
 from applier.sshsig import AllowedSigners, VerifiedSigner
 from applier.state import Current, Retained, State
 from applier.transaction import Transaction, new_txid, pending, recover
@@ -167,7 +167,7 @@ class Host:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with locked(self.layout, self.lock_wait):
+        with locked(self.layout, self.lock_wait), accounts_cached():
             yield
             # A config.yaml parsed by an operation that succeeded under the lock is
             # cached for the next command. Not by a read-only command (status, verify),

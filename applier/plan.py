@@ -9,11 +9,13 @@ brings the commands of its old entry). Not for: carrying the plan out (transacti
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import grp
 import os
 import pwd
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,11 +79,44 @@ class Plan:
         }
 
 
+# Names already looked up in this operation (see ``accounts_cached``); None outside one.
+_accounts: contextvars.ContextVar[dict[tuple[str, str], int] | None] = contextvars.ContextVar(
+    "accounts", default=None)
+
+
+@contextlib.contextmanager
+def accounts_cached() -> Iterator[None]:
+    """Within this block, each owner and group name is looked up once.
+
+    ``getpwnam``/``getgrnam`` read the account databases on every call (two file
+    opens and a scan per managed file, 1,100 for a 550-file host). One operation
+    under the host lock sees one answer per name; the next operation (``watch``
+    runs many in one process) looks again, so an account added meanwhile is seen.
+    """
+    token = _accounts.set({})
+    try:
+        yield
+    finally:
+        _accounts.reset(token)
+
+
+def _account_id(kind: str, name: str) -> int:
+    if name.isdigit():
+        return int(name)
+    cache = _accounts.get()
+    if cache is not None and (kind, name) in cache:
+        return cache[(kind, name)]
+    value = pwd.getpwnam(name).pw_uid if kind == "user" else grp.getgrnam(name).gr_gid
+    if cache is not None:
+        cache[(kind, name)] = value
+    return value
+
+
 def ids_for(entry: FileEntry) -> tuple[int, int]:
     """The uid and gid a file must have; unknown names are a validation failure."""
     try:
-        uid = int(entry.owner) if entry.owner.isdigit() else pwd.getpwnam(entry.owner).pw_uid
-        gid = int(entry.group) if entry.group.isdigit() else grp.getgrnam(entry.group).gr_gid
+        uid = _account_id("user", entry.owner)
+        gid = _account_id("group", entry.group)
     except KeyError:
         raise ValidationFailedError(
             f"{entry.path}: owner {entry.owner!r} or group {entry.group!r} does not exist "

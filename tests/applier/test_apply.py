@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import pwd
 from pathlib import Path
 
 import pytest
@@ -183,3 +185,25 @@ def test_host_keeps_its_part_of_retained_bundles_and_reads_older_state(
     assert [r["sequence"] for r in host.status()["retained"]] == [1, 2]
     host.rollback()
     assert read(root, SITE) == b"server { listen 8080; }\n"
+
+
+def test_each_account_name_is_looked_up_once_per_operation(
+        root: Path, tmp_path: Path, signing_key: KeyPair, monkeypatch: pytest.MonkeyPatch,
+        ) -> None:
+    """getpwnam/getgrnam read the account files on every call: once per name per
+    operation, not per file; the next operation (``watch`` runs many in one process)
+    looks again, so an account added in between is seen."""
+    def files(tag: bytes) -> dict[str, bytes | FileSpec]:
+        return {f"/etc/app/{i:02d}.conf": FileSpec(tag + b"%d\n" % i, owner="root",
+                                                    group="root") for i in range(20)}
+
+    calls: list[str] = []
+    real_user, real_group = pwd.getpwnam, grp.getgrnam
+    monkeypatch.setattr(pwd, "getpwnam", lambda n: calls.append("user " + n) or real_user(n))
+    monkeypatch.setattr(grp, "getgrnam", lambda n: calls.append("group " + n) or real_group(n))
+    host = Host(root)
+    for seq, tag in ((1, b"one "), (2, b"two ")):
+        host.apply(BundleSpec({"frodo": files(tag)}, sequence=seq, commit=f"{seq:040x}")
+                   .write(tmp_path / f"b{seq}.tar", signing_key))
+    assert read(root, "/etc/app/19.conf") == b"two 19\n"
+    assert calls == ["user root", "group root"] * 2
