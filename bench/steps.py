@@ -261,6 +261,9 @@ class WorkloadBench:
             self._row("re-apply, nothing changed", noop, "ansible-playbook", None,
                       ">= 50x faster", note="not run: Ansible's first apply hit the cap")
 
+        if wl.name == "fleet":
+            self._one_host_bundle(untar, hashes)
+
         changed, builds, archives = Series(), Series(), Series()
         for k, commit in enumerate(wl.changes):
             out = self.dir / f"bundle-{k + 1}.tar.gz"
@@ -306,6 +309,34 @@ class WorkloadBench:
         self._row("rollback (one file)", rollback)
         shutil.rmtree(self.root, ignore_errors=True)
         return self.rows
+
+    def _one_host_bundle(self, untar: Series, hashes: Series) -> None:
+        """The same host's steps from a bundle built for it alone (``build --host``).
+
+        The peers (``tar -x`` of this host's files, ``sha256sum`` of them) hold one
+        host's data; a fleet bundle holds 200 hosts' and a 26 MB manifest. These rows
+        show what the tool costs on the same data as its peers; informational, the
+        targets are judged on the fleet bundle above.
+        """
+        one = self.dir / "one-host.tar.gz"
+        build = self._series([*self._build(self.wl.base, one), "--host", self.wl.host])
+        size = one.stat().st_size
+        self._row("build (one-host bundle)", build,
+                  note=f"build --host {self.wl.host}: bundle {_mib(size)}")
+        vroot, oroot = self.dir / "one-verify-root", self.dir / "one-root"
+        self._init(vroot)
+        verify = self._series(self._apply(vroot, "verify", one))
+        self._row("verify (one-host bundle)", verify, "gzip -dc | sha256sum",
+                  self._series(self._bash(DECOMPRESS_HASH, one)))
+        shutil.rmtree(vroot)
+        first = self._series(self._apply(oroot, "apply", one),
+                             before=lambda: self._init(oroot))
+        self._row("first apply (one-host bundle)", first, "tar -xzf + sync", untar)
+        noop = self._series(self._apply(oroot, "apply", one))
+        self._row("re-apply, nothing changed (one-host bundle)", noop, "sha256sum of files",
+                  hashes)
+        shutil.rmtree(oroot)
+        one.unlink()
 
     def _managed_list(self, bundle: Path) -> None:
         out = subprocess.run([*self.cfg.bundle_cmd, "inspect", "--json", str(bundle)], check=True,

@@ -32,6 +32,9 @@ def test_bench_tiny_writes_results(tmp_path: Path) -> None:
         assert f"| {workload} | first apply |" in text
         assert f"| {workload} | re-apply, nothing changed |" in text
     assert "| fleet | build | " in text
+    # The fleet host's steps again from a bundle built for it alone (build --host).
+    for step in ("verify", "first apply", "re-apply, nothing changed"):
+        assert f"| fleet | {step} (one-host bundle) |" in text
     assert "CPU:" in text
     # Measured as a host runs it: our wheel installed into a venv of its own (building
     # it needs what scripts/test's own install needs), not the checkout.
