@@ -199,8 +199,17 @@ def test_each_account_name_is_looked_up_once_per_operation(
 
     calls: list[str] = []
     real_user, real_group = pwd.getpwnam, grp.getgrnam
-    monkeypatch.setattr(pwd, "getpwnam", lambda n: calls.append("user " + n) or real_user(n))
-    monkeypatch.setattr(grp, "getgrnam", lambda n: calls.append("group " + n) or real_group(n))
+
+    def user(name: str) -> pwd.struct_passwd:
+        calls.append("user " + name)
+        return real_user(name)
+
+    def group(name: str) -> grp.struct_group:
+        calls.append("group " + name)
+        return real_group(name)
+
+    monkeypatch.setattr(pwd, "getpwnam", user)
+    monkeypatch.setattr(grp, "getgrnam", group)
     host = Host(root)
     for seq, tag in ((1, b"one "), (2, b"two ")):
         host.apply(BundleSpec({"frodo": files(tag)}, sequence=seq, commit=f"{seq:040x}")
