@@ -276,11 +276,14 @@ def _metrics_after(ctx: click.Context, explicit: Path | None) -> Iterator[None]:
 
 
 def _write_metrics(ctx: click.Context, explicit: Path | None) -> None:
-    from applier import metrics  # noqa: PLC0415 - see the module docstring
-
     host = _host(ctx)
     try:
-        path = metrics.target(host, explicit or ctx.obj.get("metrics_file"))
+        wanted = explicit or ctx.obj.get("metrics_file")
+        if wanted is None and host.config.metrics_file is None:
+            return  # none asked for: not even the module is loaded (start-up)
+        from applier import metrics  # noqa: PLC0415 - see the module docstring
+
+        path = metrics.target(host, wanted)
         if path is not None:
             metrics.write(host, path)
     except ApplierError as e:

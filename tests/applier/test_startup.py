@@ -35,10 +35,10 @@ def applied(root: Path, tmp_path: Path, signing_key: KeyPair) -> Path:
 @pytest.mark.parametrize(("args", "needed"), [
     (("status",), {"applier.drift"}),
     (("history",), set()),  # reads only the audit log, not even the host config
-    (("drift",), {"applier.drift", "applier.metrics"}),
+    (("drift",), {"applier.drift"}),
     (("verify", "BUNDLE"), {"cryptography"}),
-    # Reads the metrics target after the command; no command runs, nothing to diff.
-    (("apply", "BUNDLE"), {"cryptography", "applier.metrics"}),
+    # No metrics file configured: no metrics; no command runs, nothing to diff.
+    (("apply", "BUNDLE"), {"cryptography"}),
 ], ids=["status", "history", "drift-check", "verify", "no-op-apply"])
 def test_command_imports_only_what_it_needs(
         root: Path, tmp_path: Path, applied: Path, capsys: pytest.CaptureFixture[str],
