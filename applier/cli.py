@@ -275,16 +275,26 @@ def _metrics_after(ctx: click.Context, explicit: Path | None) -> Iterator[None]:
         _write_metrics(ctx, explicit)
 
 
+def _metrics_target(host: Host, explicit: Path | None) -> Path | None:
+    """Where metrics go: the command line wins over the host config; None: nowhere."""
+    if explicit is not None:
+        return explicit
+    configured = host.config.metrics_file
+    if configured is None:
+        return None
+    # Under --root, a configured absolute path lives under the root like everything else.
+    return host.layout.on_disk(configured) if configured.startswith("/") else Path(
+        configured)
+
+
 def _write_metrics(ctx: click.Context, explicit: Path | None) -> None:
     host = _host(ctx)
     try:
-        wanted = explicit or ctx.obj.get("metrics_file")
-        if wanted is None and host.config.metrics_file is None:
-            return  # none asked for: not even the module is loaded (start-up)
-        from applier import metrics  # noqa: PLC0415 - see the module docstring
-
-        path = metrics.target(host, wanted)
+        path = _metrics_target(host, explicit or ctx.obj.get("metrics_file"))
         if path is not None:
+            # Only now: a command with no metrics file does not even load the module.
+            from applier import metrics  # noqa: PLC0415 - see the module docstring
+
             metrics.write(host, path)
     except ApplierError as e:
         # Monitoring must not turn a good apply into a failed one.

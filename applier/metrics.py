@@ -133,14 +133,3 @@ def write(host: Host, path: Path) -> None:
     _fs.atomic_write(path, render(collect(host)).encode(), 0o644, fault="metrics")
     logger.debug("wrote metrics to %s", path)
 
-
-def target(host: Host, explicit: Path | None) -> Path | None:
-    """Where metrics go: the command line wins over the host config; None: nowhere."""
-    if explicit is not None:
-        return explicit
-    configured = host.config.metrics_file
-    if configured is None:
-        return None
-    # Under --root, a configured absolute path lives under the root like everything else.
-    return host.layout.on_disk(configured) if configured.startswith("/") else Path(
-        configured)
