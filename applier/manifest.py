@@ -446,24 +446,16 @@ class Manifest:
             "trust": None if self.trust is None else self.trust.to_dict(),
         }
 
-    def to_dict(self) -> dict[str, Any]:
+    def _require_whole(self) -> None:
         if self.view_of is not None:
             raise ValueError("a host's view of a manifest is not the manifest: "
                              "use the signed bytes")
-        # A file shared by many hosts is one FileEntry object (the builder's renderer
-        # reuses equal entries) and is serialised once: 100,000 of a 200-host fleet's
-        # 110,000 entries are such. Keyed by identity, as hashing an entry costs about
-        # as much as serialising it; the entries outlive the memo, so ids stay unique.
-        memo: dict[int, dict[str, Any]] = {}
 
-        def entry(f: FileEntry) -> dict[str, Any]:
-            d = memo.get(id(f))
-            if d is None:
-                d = memo[id(f)] = f.to_dict()
-            return d
-
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON data (``to_bytes`` is its canonical serialisation)."""
+        self._require_whole()
         return {**self._head(),
-                "hosts": {name: {"files": [entry(f) for f in h.files]}
+                "hosts": {name: {"files": [f.to_dict() for f in h.files]}
                           for name, h in self.hosts.items()}}
 
     def view_rest(self) -> dict[str, Any]:
@@ -487,16 +479,15 @@ class Manifest:
         """``canonical_json(self.to_dict())``, assembled from canonical pieces.
 
         The 26 MB of a 200-host fleet is 110,000 file entries, of which 14,000 are
-        distinct objects (see ``to_dict``): each distinct entry is serialised once and
-        its bytes reused, where one ``json.dumps`` of the whole dict re-sorted and
-        re-encoded every occurrence (0.8 s against 0.15 s). Canonical JSON of an object
-        is its members in sorted key order joined by commas, of an array its elements
-        joined by commas, so the pieces join to the same bytes (tested against the
-        one-call form).
+        distinct objects (the builder's renderer gives every host an entry fits the
+        same ``FileEntry``): each distinct entry is serialised once, keyed by identity
+        (hashing an entry costs about as much as serialising it), and its bytes reused,
+        where one ``json.dumps`` of the whole dict re-sorted and re-encoded every
+        occurrence (0.8 s against 0.15 s). Canonical JSON of an object is its members
+        in sorted key order joined by commas, of an array its elements joined by
+        commas, so the pieces join to the same bytes (tested against the one-call form).
         """
-        if self.view_of is not None:
-            raise ValueError("a host's view of a manifest is not the manifest: "
-                             "use the signed bytes")
+        self._require_whole()
         every = list(itertools.chain.from_iterable(h.files for h in self.hosts.values()))
         distinct = dict(zip(map(id, every), every, strict=True))  # C-level: no loop in Python
         pieces = {i: canonical_json(f.to_dict()) for i, f in distinct.items()}
