@@ -15,6 +15,7 @@ import threading
 import zlib
 
 import pytest
+from hostile import CountingReader
 
 from applier import _gunzip
 
@@ -68,27 +69,16 @@ def test_a_corrupt_trailer_is_refused_in_gzip_words() -> None:
         read_all(bytes(data))
 
 
-class _Counting(io.BytesIO):
-    def __init__(self, data: bytes) -> None:
-        super().__init__(data)
-        self.taken = 0
-
-    def read(self, n: int | None = -1) -> bytes:
-        out = super().read(n)
-        self.taken += len(out)
-        return out
-
-
 def test_inflating_stays_a_bounded_distance_ahead_and_stops_on_close() -> None:
     # 48 MiB that compress about 4:1. The reader takes 4 KiB and waits; the thread
     # may run AHEAD chunks ahead, no further, so it reads a few input chunks at most.
     data = _members(_payload(48 << 20, 7))
-    raw = _Counting(data)
+    taken = [0]
     before = threading.active_count()
-    reader = _gunzip.GunzipReader(raw)
+    reader = _gunzip.GunzipReader(CountingReader(io.BytesIO(data), taken))  # type: ignore[arg-type]
     buf = bytearray(4096)
     assert reader.readinto(buf) == 4096
     threading.Event().wait(1.0)
-    assert raw.taken <= 4 * _gunzip.IN_CHUNK < len(data) // 4
+    assert taken[0] <= 4 * _gunzip.IN_CHUNK < len(data) // 4
     reader.close()
     assert threading.active_count() == before
