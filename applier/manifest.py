@@ -19,7 +19,7 @@ import json
 import posixpath
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
@@ -511,25 +511,16 @@ class Manifest:
         hosts_in = d["hosts"]
         if not isinstance(hosts_in, dict):
             raise _fail("hosts", "must be an object")
-        hosts: dict[str, HostEntry] = {}
-        raw_files: dict[str, list[Any]] = {}
-        for name, raw_host in hosts_in.items():
-            _str(name, "hosts", _HOST)
-            h = _obj(raw_host, f"hosts.{name}", {"files"}, set())
-            if not isinstance(h["files"], list):
-                raise _fail(f"hosts.{name}.files", "must be a list")
-            raw_files[name] = h["files"]
+        raw_files = {name: _host_files(name, raw) for name, raw in hosts_in.items()}
+        if host is None:
+            return cls._from_head(d, {name: _host_entry(name, files)
+                                      for name, files in raw_files.items()}, {})
+        own = {host: _host_entry(host, raw_files[host])} if host in raw_files else {}
+        sizes: dict[str, int] = {}
         for name, files in raw_files.items():
-            if host is None or name == host:
-                hosts[name] = HostEntry(tuple(
-                    FileEntry.from_dict(f, f"hosts.{name}.files[{i}]")
-                    for i, f in enumerate(files)
-                ))
-        view: dict[str, Any] = {}
-        if host is not None:
-            view = {"view_of": host, "host_names": tuple(raw_files),
-                    "blob_table": _blob_table(raw_files)}
-        return cls._from_head(d, hosts, view)
+            _add_blobs(sizes, name, files)
+        return cls._from_head(d, own, {"view_of": host, "host_names": tuple(raw_files),
+                                       "blob_table": sizes})
 
     @classmethod
     def _from_head(cls, d: dict[str, Any], hosts: dict[str, HostEntry],
@@ -561,45 +552,186 @@ class Manifest:
         payload member). A fleet manifest lists every file of every host (110,000
         entries for 200 hosts), and a host needs objects for its own 500; the builder
         and ``gitops-bundle verify`` check every host in full.
+
+        A host's view is read one host at a time (``_host_view``), so the whole
+        document never exists as Python objects (about 200 MiB for a 26 MB manifest);
+        it accepts only what the whole-document path accepts, and anything it does not
+        accept goes to that path, which alone words the errors.
         """
         with _gc_paused():
-            try:
-                raw = json.loads(data.decode("utf-8"), parse_float=_reject_float,
-                                 parse_constant=_reject_float)
-            except ManifestError:
-                raise
-            except (UnicodeDecodeError, ValueError, RecursionError) as e:
-                raise ManifestError(f"manifest.json is not valid JSON: {e}") from e
-            # One byte form per manifest. A duplicate key also fails here (the parser
-            # keeps the last one, so the re-serialisation is shorter); find it only on
-            # this path, as a Python-level hook on every object costs seconds on a
-            # fleet manifest.
-            if canonical_json(raw) != data:
-                _find_duplicate_key(data)
-                raise ManifestError("manifest.json is not in canonical form")
-            try:
-                return cls.from_dict(raw, host)
-            finally:
-                # Freed while the collector is still off: enabled first, it would scan
-                # the millions of parsed objects once more (0.3 s on a fleet manifest).
-                del raw
+            if host is not None:
+                try:
+                    return cls._host_view(data, host)
+                except (_NotCanonicalError, ManifestError, ValueError, RecursionError):
+                    pass
+            return cls._from_document(data, host)
+
+    @classmethod
+    def _from_document(cls, data: bytes, host: str | None) -> Manifest:
+        """``from_bytes`` through one parse of the whole document (the reference path)."""
+        try:
+            raw = json.loads(data.decode("utf-8"), parse_float=_reject_float,
+                             parse_constant=_reject_float)
+        except ManifestError:
+            raise
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ManifestError(f"manifest.json is not valid JSON: {e}") from e
+        # One byte form per manifest. A duplicate key also fails here (the parser
+        # keeps the last one, so the re-serialisation is shorter); find it only on
+        # this path, as a Python-level hook on every object costs seconds on a
+        # fleet manifest.
+        try:
+            canonical = canonical_json(raw) == data
+        except UnicodeEncodeError:  # a lone surrogate escape ("\ud800") in a string
+            canonical = False
+        if not canonical:
+            _find_duplicate_key(data)
+            raise ManifestError("manifest.json is not in canonical form")
+        try:
+            return cls.from_dict(raw, host)
+        finally:
+            # Freed while the collector is still off: enabled first, it would scan
+            # the millions of parsed objects once more (0.3 s on a fleet manifest).
+            del raw
+
+    @classmethod
+    def _host_view(cls, data: bytes, host: str) -> Manifest:
+        """``host``'s view, parsing and dropping one host's entries at a time.
+
+        Every piece (a top-level value, a host name, one host's object) is parsed by
+        the same C scanner as ``json.loads`` and must re-serialise to exactly its own
+        bytes; keys must be strictly increasing and the separators exactly ``:`` and
+        ``,``. Pieces that are each canonical, in that frame, make the document that
+        ``canonical_json(json.loads(data)) == data`` accepts. Raises ``_NotCanonicalError``
+        (or the parser's or a checker's error) for anything else.
+        """
+        text = data.decode("utf-8")
+        head: dict[str, Any] = {}
+        names: list[str] = []
+        own: list[Any] | None = None
+        sizes: dict[str, int] = {}
+
+        # The text of every file entry already found canonical: most entries of a
+        # fleet recur on every host (a shared file), and re-serialising an entry costs
+        # more than parsing it.
+        checked: set[str] = set()
+
+        def host_value(name: str, start: int) -> int:
+            nonlocal own
+            _str(name, "hosts", _HOST)
+            if not text.startswith(_HOST_OPEN, start):
+                raise _NotCanonicalError
+            i = start + len(_HOST_OPEN)
+            files: list[Any] = []
+            if text[i:i + 1] == "]":
+                i += 1
+            else:
+                while True:
+                    entry, end = _DECODER.raw_decode(text, i)
+                    span = text[i:end]
+                    if span not in checked:
+                        if _CANONICAL.encode(entry) != span:
+                            raise _NotCanonicalError
+                        checked.add(span)
+                    files.append(entry)
+                    separator = text[end:end + 1]
+                    i = end + 1
+                    if separator == "]":
+                        break
+                    if separator != ",":
+                        raise _NotCanonicalError
+            if text[i:i + 1] != "}":
+                raise _NotCanonicalError
+            _add_blobs(sizes, name, files)
+            names.append(name)
+            if name == host:
+                own = files
+            return i + 1
+
+        def top_value(key: str, start: int) -> int:
+            if key == "hosts":
+                head[key] = None  # present; its members went through host_value
+                return _walk_object(text, start, host_value)
+            head[key], end = _scan_canonical(text, start)
+            return end
+
+        if _walk_object(text, 0, top_value) != len(text):
+            raise _NotCanonicalError
+        d = _obj(head, "", _HEAD_FIELDS | {"hosts"}, set())
+        hosts = {} if own is None else {host: _host_entry(host, own)}
+        return cls._from_head(d, hosts, {"view_of": host, "host_names": tuple(names),
+                                         "blob_table": sizes})
 
 
-def _blob_table(raw_files: Mapping[str, list[Any]]) -> dict[str, int]:
-    """Digest -> size of every blob any host's entries name, without building entries."""
-    sizes: dict[str, int] = {}
-    for name, files in raw_files.items():
-        for i, f in enumerate(files):
-            try:
-                digest, size = f["sha256"], f["size"]
-                seen = sizes.setdefault(digest, size)
-            except (TypeError, KeyError) as e:
-                raise _fail(f"hosts.{name}.files[{i}]", "must be an object with sha256 and "
-                                                        "size") from e
-            if seen != size or type(seen) is not type(size):
-                raise _fail(f"hosts.{name}.files[{i}]",
-                            f"blob {str(digest)[:64]} has two different sizes")
-    return sizes
+# How a host's object opens in canonical form: its one member, the file list.
+_HOST_OPEN = '{"files":['
+
+
+class _NotCanonicalError(Exception):
+    """A host's view cannot be read piecewise: the whole-document path decides."""
+
+
+def _scan_canonical(text: str, i: int) -> tuple[Any, int]:
+    """The JSON value at ``text[i:]`` and where it ends, if it is in canonical form."""
+    value, end = _DECODER.raw_decode(text, i)
+    if _CANONICAL.encode(value) != text[i:end]:
+        raise _NotCanonicalError
+    return value, end
+
+
+def _walk_object(text: str, i: int, on_value: Callable[[str, int], int]) -> int:
+    """Check that ``text[i:]`` opens a canonical JSON object and walk its members.
+
+    ``on_value(key, start)`` reads the member's value starting at ``start`` and returns
+    where it ends. Returns the index just after the closing brace.
+    """
+    if text[i:i + 1] != "{":
+        raise _NotCanonicalError
+    i += 1
+    if text[i:i + 1] == "}":
+        return i + 1
+    previous: str | None = None
+    while True:
+        key, end = _scan_canonical(text, i)
+        if (not isinstance(key, str) or (previous is not None and not previous < key)
+                or text[end:end + 1] != ":"):
+            raise _NotCanonicalError
+        previous = key
+        i = on_value(key, end + 1)
+        separator = text[i:i + 1]
+        i += 1
+        if separator == "}":
+            return i
+        if separator != ",":
+            raise _NotCanonicalError
+
+
+def _host_files(name: Any, raw: Any) -> list[Any]:
+    """One host's raw file list, with its name and shape checked (not its entries)."""
+    _str(name, "hosts", _HOST)
+    h = _obj(raw, f"hosts.{name}", {"files"}, set())
+    if not isinstance(h["files"], list):
+        raise _fail(f"hosts.{name}.files", "must be a list")
+    return h["files"]
+
+
+def _host_entry(name: str, files: list[Any]) -> HostEntry:
+    return HostEntry(tuple(FileEntry.from_dict(f, f"hosts.{name}.files[{i}]")
+                           for i, f in enumerate(files)))
+
+
+def _add_blobs(sizes: dict[str, int], name: str, files: list[Any]) -> None:
+    """Add digest -> size of every blob one host's entries name, without building them."""
+    for i, f in enumerate(files):
+        try:
+            digest, size = f["sha256"], f["size"]
+            seen = sizes.setdefault(digest, size)
+        except (TypeError, KeyError) as e:
+            raise _fail(f"hosts.{name}.files[{i}]", "must be an object with sha256 and "
+                                                    "size") from e
+        if seen != size or type(seen) is not type(size):
+            raise _fail(f"hosts.{name}.files[{i}]",
+                        f"blob {str(digest)[:64]} has two different sizes")
 
 
 @contextlib.contextmanager
@@ -629,6 +761,10 @@ def _find_duplicate_key(data: bytes) -> None:
 
 def _reject_float(value: str) -> Any:
     raise ManifestError(f"manifest: non-integer number {value[:40]!r}")
+
+
+# The scanner json.loads uses, configured as from_bytes calls it.
+_DECODER = json.JSONDecoder(parse_float=_reject_float, parse_constant=_reject_float)
 
 
 def make_bundle_id(sequence: int, commit: str) -> str:
