@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from applier import _log
-from applier.cli import run_cli
-from applier.errors import ApplierError
+from applier.cli import run_command
+from applier.errors import ApplierError, ExitCode
 from bundler.build import (
     BuildOptions,
     add_signature,
@@ -142,8 +142,24 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
 cli.add_command(wheelhouse_cmd)
 
 
+def _run(argv: list[str]) -> int:
+    """The click group, with its usage errors as one line and exit code 2."""
+    try:
+        # With standalone_mode=False, click returns ctx.exit(N)'s code instead of raising.
+        code = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        return ExitCode.USAGE
+    except click.Abort:
+        click.echo(_log.error_line(PROG, "aborted"), err=True)
+        return ExitCode.USAGE
+    return code if isinstance(code, int) else ExitCode.OK
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(cli, PROG, argv, (BuildError, ApplierError))
+    return run_command(PROG, argv, _run, (BuildError, ApplierError))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from applier.cli import main
 from factory import BundleSpec, KeyPair, loaded
 
 # Loaded only by the commands (or the steps of one) that need them.
-ON_DEMAND = {"applier.drift", "applier.watch", "applier.metrics", "cryptography",
+ON_DEMAND = {"applier.drift", "applier.watch", "applier.metrics", "cryptography", "click",
              "subprocess", "difflib", "secrets", "yaml"}
 
 

@@ -1,0 +1,97 @@
+"""The host's command line: usage errors are one line and exit 2, nothing else runs.
+
+``gitops-apply`` runs as root on every host, so it parses its arguments with the
+standard library alone; these tests hold what an operator (and the systemd units and
+``install-from-usb``) rely on: global options before the command, each command's own
+options after it, no guessed abbreviations, ``--help`` and ``--version``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from applier.cli import main
+from applier.errors import ExitCode
+
+from factory import BundleSpec, KeyPair, snapshot
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def bundle(tmp_path: Path, signing_key: KeyPair) -> Path:
+    return BundleSpec({"frodo": {"/etc/motd": b"hello\n"}}).write(tmp_path / "b.tar",
+                                                                  signing_key)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    ((), "a COMMAND is required"),
+    (("aply",), "invalid choice: 'aply'"),
+    (("apply",), "required: BUNDLE"),
+    (("apply", "BUNDLE", "--dry"), "unrecognized arguments: --dry"),  # no abbreviations
+    (("status", "--wait", "3"), "unrecognized arguments: --wait 3"),  # global goes first
+    (("--wait", "soon", "status"), "argument --wait: invalid float value: 'soon'"),
+    (("watch", "INBOX", "--interval", "0"), "argument --interval: 0 is below 0.01"),
+    (("drift", "--fix", "--history"), "--fix, --history and --restore are exclusive"),
+    (("drift", "--path", "/etc/motd"), "--to and --path go with --restore"),
+    (("verify", "ROOT"), "is a directory"),
+], ids=["no-command", "unknown-command", "missing-bundle", "abbreviation", "global-after",
+        "bad-number", "below-range", "exclusive", "restore-only", "directory-as-bundle"])
+def test_a_usage_error_is_one_line_and_exit_2_and_changes_nothing(
+        root: Path, bundle: Path, capsys: pytest.CaptureFixture[str],
+        args: tuple[str, ...], says: str) -> None:
+    before = snapshot(root)
+    argv = [str(bundle) if a == "BUNDLE" else str(root) if a == "ROOT"
+            else str(root / "inbox") if a == "INBOX" else a for a in args]
+    code, out, err = run(capsys, "--root", str(root), *argv)
+    assert code == ExitCode.USAGE
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("gitops-apply: error: ")
+    assert says in err
+    assert snapshot(root) == before
+
+
+def test_global_options_then_the_command_and_its_own(
+        root: Path, bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--root", str(root), "-v", "--wait", "1", "apply",
+                       "--dry-run", str(bundle), "--json")
+    assert code == ExitCode.OK
+    assert json.loads(out)["dry_run"] is True
+    assert not (root / "etc/motd").exists()
+    code, out, _ = run(capsys, "--root", str(root), "apply", str(bundle))
+    assert code == ExitCode.OK
+    assert (root / "etc/motd").read_bytes() == b"hello\n"
+    code, out, _ = run(capsys, "--root", str(root), "status", "--json")
+    assert json.loads(out)["host"] == "frodo"
+
+
+def test_help_lists_every_command_and_each_command_has_its_own(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--help")
+    assert code == ExitCode.OK
+    assert err == ""
+    for command in ("init", "verify", "apply", "rollback", "recover", "status", "history",
+                    "drift", "watch"):
+        assert f"\n  {command} " in out
+        code, sub, _ = run(capsys, command, "--help")
+        assert code == ExitCode.OK
+        assert sub.startswith(f"usage: gitops-apply {command}")
+    assert "--fix" in run(capsys, "drift", "--help")[1]
+
+
+def test_version_names_the_tool_and_its_version() -> None:
+    proc = subprocess.run([sys.executable, "-m", "applier.cli", "--version"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("gitops-apply, version ")
+    assert proc.stdout.split()[-1][0].isdigit()
