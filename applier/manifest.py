@@ -622,7 +622,8 @@ class Manifest:
             if not text.startswith(_HOST_OPEN, start):
                 raise _NotCanonicalError
             i = start + len(_HOST_OPEN)
-            files: list[Any] = []
+            files: list[Any] = []  # kept only for this host
+            first_seen: list[Any] = []  # entries whose text is new: the blob table's
             if text[i:i + 1] == "]":
                 i += 1
             else:
@@ -633,7 +634,9 @@ class Manifest:
                         if _CANONICAL.encode(entry) != span:
                             raise _NotCanonicalError
                         checked.add(span)
-                    files.append(entry)
+                        first_seen.append(entry)
+                    if name == host:
+                        files.append(entry)
                     separator = text[end:end + 1]
                     i = end + 1
                     if separator == "]":
@@ -642,7 +645,8 @@ class Manifest:
                         raise _NotCanonicalError
             if text[i:i + 1] != "}":
                 raise _NotCanonicalError
-            _add_blobs(sizes, name, files)
+            # A recurring entry text names the same digest and size as its first copy.
+            _add_blobs(sizes, name, first_seen)
             names.append(name)
             if name == host:
                 own = files
