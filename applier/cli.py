@@ -244,7 +244,6 @@ def _drift_options(c: _Parser) -> None:
     _metrics(c)
 
 
-
 def _watch_options(c: _Parser) -> None:
     c.add_argument("inboxes", nargs="+", type=_DIR, metavar="INBOX")
     c.add_argument("--interval", type=_at_least(0.01), default=5.0, metavar="SECONDS",
@@ -605,16 +604,14 @@ def run_command(prog: str, argv: list[str] | None, command: Callable[[list[str]]
 
 
 def _run(argv: list[str]) -> int:
+    """Parse, then run the command; a usage error from either is one line and exit 2."""
     try:
-        args = _parse(argv)
-    except SystemExit as e:  # --help, --version
-        return int(e.code or 0)
-    except UsageError as e:
-        _error(PROG, str(e))
-        return ExitCode.USAGE
-    _log.setup(PROG, args.verbose)
-    args.root = args.root.absolute()
-    try:
+        try:
+            args = _parse(argv)
+        except SystemExit as e:  # --help, --version
+            return int(e.code or 0)
+        _log.setup(PROG, args.verbose)
+        args.root = args.root.absolute()
         code = args.handler(args)
     except UsageError as e:
         _error(PROG, str(e))
