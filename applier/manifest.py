@@ -598,73 +598,19 @@ class Manifest:
     def _host_view(cls, data: bytes, host: str) -> Manifest:
         """``host``'s view, parsing and dropping one host's entries at a time.
 
-        Every piece (a top-level value, a host name, one host's object) is parsed by
-        the same C scanner as ``json.loads`` and must re-serialise to exactly its own
-        bytes; keys must be strictly increasing and the separators exactly ``:`` and
-        ``,``. Pieces that are each canonical, in that frame, make the document that
+        Every piece (a top-level value, a host name, one file entry) is parsed by the
+        same C scanner as ``json.loads`` and must re-serialise to exactly its own bytes,
+        or be byte for byte an entry text already checked; keys must be strictly
+        increasing and the separators exactly ``:`` and ``,``. Pieces that are each
+        canonical, in that frame, make the document that
         ``canonical_json(json.loads(data)) == data`` accepts. Raises ``_NotCanonicalError``
         (or the parser's or a checker's error) for anything else.
         """
-        text = data.decode("utf-8")
-        head: dict[str, Any] = {}
-        names: list[str] = []
-        own: list[Any] | None = None
-        sizes: dict[str, int] = {}
-
-        # The text of every file entry already found canonical: most entries of a
-        # fleet recur on every host (a shared file), and re-serialising an entry costs
-        # more than parsing it.
-        checked: set[str] = set()
-
-        def host_value(name: str, start: int) -> int:
-            nonlocal own
-            _str(name, "hosts", _HOST)
-            if not text.startswith(_HOST_OPEN, start):
-                raise _NotCanonicalError
-            i = start + len(_HOST_OPEN)
-            files: list[Any] = []  # kept only for this host
-            first_seen: list[Any] = []  # entries whose text is new: the blob table's
-            if text[i:i + 1] == "]":
-                i += 1
-            else:
-                while True:
-                    entry, end = _DECODER.raw_decode(text, i)
-                    span = text[i:end]
-                    if span not in checked:
-                        if _CANONICAL.encode(entry) != span:
-                            raise _NotCanonicalError
-                        checked.add(span)
-                        first_seen.append(entry)
-                    if name == host:
-                        files.append(entry)
-                    separator = text[end:end + 1]
-                    i = end + 1
-                    if separator == "]":
-                        break
-                    if separator != ",":
-                        raise _NotCanonicalError
-            if text[i:i + 1] != "}":
-                raise _NotCanonicalError
-            # A recurring entry text names the same digest and size as its first copy.
-            _add_blobs(sizes, name, first_seen)
-            names.append(name)
-            if name == host:
-                own = files
-            return i + 1
-
-        def top_value(key: str, start: int) -> int:
-            if key == "hosts":
-                head[key] = None  # present; its members went through host_value
-                return _walk_object(text, start, host_value)
-            head[key], end = _scan_canonical(text, start)
-            return end
-
-        if _walk_object(text, 0, top_value) != len(text):
-            raise _NotCanonicalError
-        d = _obj(head, "", _HEAD_FIELDS | {"hosts"}, set())
-        hosts = {} if own is None else {host: _host_entry(host, own)}
-        return cls._from_head(d, hosts, {"view_of": host, "host_names": tuple(names),
-                                         "blob_table": sizes})
+        reader = _ViewReader(data.decode("utf-8"), host)
+        d = _obj(reader.read(), "", _HEAD_FIELDS | {"hosts"}, set())
+        hosts = {} if reader.own is None else {host: _host_entry(host, reader.own)}
+        return cls._from_head(d, hosts, {"view_of": host, "host_names": tuple(reader.names),
+                                         "blob_table": reader.sizes})
 
 
 # How a host's object opens in canonical form: its one member, the file list.
@@ -673,6 +619,99 @@ _HOST_OPEN = '{"files":['
 
 class _NotCanonicalError(Exception):
     """A host's view cannot be read piecewise: the whole-document path decides."""
+
+
+class _ViewReader:
+    """One pass over a canonical manifest's text for ``Manifest._host_view``."""
+
+    def __init__(self, text: str, host: str) -> None:
+        self.text = text
+        self.host = host
+        self.head: dict[str, Any] = {}
+        self.names: list[str] = []  # every host, in order
+        self.own: list[Any] | None = None  # the raw entries of ``host``
+        self.sizes: dict[str, int] = {}  # the blob table
+        # The text of every file entry already found canonical: most entries of a
+        # fleet recur on every host (a shared file), and re-serialising an entry costs
+        # more than parsing it.
+        self._checked: set[str] = set()
+        # The previous host's entry texts, in order, and where each sat: a host's list
+        # mostly repeats its neighbour's, so the next entry is first compared with the
+        # one that followed the last match there. Text that starts with a checked
+        # entry's exact text holds that entry (a JSON object ends at its own closing
+        # brace, so what follows cannot change it): no parse is needed to know where it
+        # ends, or that it is canonical.
+        self._previous: list[str] = []
+        self._previous_at: dict[str, int] = {}
+
+    def read(self) -> dict[str, Any]:
+        """The top-level members but ``hosts`` (present, as None), parsed and checked."""
+        if _walk_object(self.text, 0, self._top_value) != len(self.text):
+            raise _NotCanonicalError
+        return self.head
+
+    def _top_value(self, key: str, start: int) -> int:
+        if key == "hosts":
+            self.head[key] = None  # present; its members went through _host_value
+            return _walk_object(self.text, start, self._host_value)
+        self.head[key], end = _scan_canonical(self.text, start)
+        return end
+
+    def _host_value(self, name: str, start: int) -> int:
+        _str(name, "hosts", _HOST)
+        if not self.text.startswith(_HOST_OPEN, start):
+            raise _NotCanonicalError
+        i, spans, first_seen, files = self._entries(name, start + len(_HOST_OPEN))
+        if self.text[i:i + 1] != "}":
+            raise _NotCanonicalError
+        # A recurring entry text names the same digest and size as its first copy.
+        _add_blobs(self.sizes, name, first_seen)
+        self._previous = spans
+        self._previous_at = {span: n for n, span in enumerate(spans)}
+        self.names.append(name)
+        if name == self.host:
+            self.own = files
+        return i + 1
+
+    def _entries(self, name: str, i: int) -> tuple[int, list[str], list[Any], list[Any]]:
+        """Read one host's file list from ``i`` (just after its ``[``).
+
+        Returns where the list ends (after its ``]``), the entry texts, the entries
+        whose text is new (the blob table's) and, for ``host`` only, every entry.
+        """
+        text, own = self.text, name == self.host
+        previous, previous_at, checked = self._previous, self._previous_at, self._checked
+        spans: list[str] = []
+        first_seen: list[Any] = []
+        files: list[Any] = []
+        if text[i:i + 1] == "]":
+            return i + 1, spans, first_seen, files
+        k = 0  # where the next entry is expected in `previous`
+        while True:
+            expected = previous[k] if k < len(previous) else None
+            if expected is not None and not own and text.startswith(expected, i):
+                span = expected  # checked, and no new blob
+                end = i + len(span)
+                k += 1
+            else:
+                entry, end = _DECODER.raw_decode(text, i)
+                span = text[i:end]
+                if span not in checked:
+                    if _CANONICAL.encode(entry) != span:
+                        raise _NotCanonicalError
+                    checked.add(span)
+                    first_seen.append(entry)
+                if own:
+                    files.append(entry)
+                j = previous_at.get(span)
+                k = k + 1 if j is None else j + 1
+            spans.append(span)
+            separator = text[end:end + 1]
+            i = end + 1
+            if separator == "]":
+                return i, spans, first_seen, files
+            if separator != ",":
+                raise _NotCanonicalError
 
 
 def _scan_canonical(text: str, i: int) -> tuple[Any, int]:

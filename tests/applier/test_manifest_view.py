@@ -181,6 +181,44 @@ def test_entries_shared_by_hosts_are_still_each_checked_in_place() -> None:
     assert _same_outcome(edited, "node-000")[0] == "error"
 
 
+def _edit_last_shared_copy(edit: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    """Apply ``edit`` to the last host's copy of a shared entry only: the copy a host
+    meets after the same text, canonical, on the host before it."""
+    def apply(data: bytes) -> bytes:
+        m = Manifest.from_bytes(data)
+        entry = canonical_json(m.hosts["node-002"].by_path()["/etc/shared/1-ü.conf"].to_dict())
+        last = data.rindex(entry)
+        return data[:last] + edit(entry) + data[last + len(entry):]
+    return apply
+
+
+# A later host's copy of a shared entry starts like the checked copy before it.
+SHARED_COPY_EDITS: list[tuple[str, Callable[[bytes], bytes]]] = [
+    ("one more member, out of order", lambda e: e[:-1] + b',"aa":0}'),
+    ("a space before the separator", lambda e: e + b" "),
+    ("a member cut short", lambda e: e[:-2] + b"}"),
+    ("a duplicate member", lambda e: e[:-1] + b',"validate":[]}'),
+    ("one byte changed", lambda e: e.replace(b'"mode":"0644"', b'"mode":"0645"')),
+    ("a second object glued on", lambda e: e + b"{}"),
+]
+
+
+@pytest.mark.parametrize("edit", [e for _, e in SHARED_COPY_EDITS],
+                         ids=[n for n, _ in SHARED_COPY_EDITS])
+@pytest.mark.parametrize("host", ["node-001", "node-002"])
+def test_a_later_hosts_copy_of_a_shared_entry_is_read_in_full(
+        edit: Callable[[bytes], bytes], host: str) -> None:
+    data = _fleet().to_bytes()
+    edited = _edit_last_shared_copy(edit)(data)
+    assert edited != data
+    outcome = _same_outcome(edited, host)
+    if edit is SHARED_COPY_EDITS[4][1]:
+        assert outcome[0] == "ok"  # still canonical: only the mode differs
+        assert outcome[1].blobs == Manifest._from_document(edited, host).blobs
+    else:
+        assert outcome[0] == "error"
+
+
 def test_a_view_keeps_every_field_of_its_own_entries() -> None:
     m = _fleet()
     own = FileEntry(path="/etc/x", sha256="cd" * 32, size=3, mode=0o4755, owner="0",
