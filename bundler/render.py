@@ -20,12 +20,15 @@ result does not depend on render order or on ``jobs``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import logging
 import math
 import multiprocessing
+import operator
 import os
+import pickle
 import posixpath
 import shlex
 import threading
@@ -110,11 +113,21 @@ class Fleet:
     warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name, host in self.hosts.items():
-            for f in host.files:
-                content = self.contents.get(f.sha256)
-                if content is None or content.size != f.size:
-                    raise RepoError(f"internal: {name}:{f.path} has no matching content")
+        # Each distinct (digest, size) once: 110,000 entries of a 200-host fleet name
+        # 10,500 (the pairs are gathered in C, not in a Python loop).
+        pairs: set[tuple[str, int]] = set()
+        for host in self.hosts.values():
+            pairs.update(map(_DIGEST_SIZE, host.files))
+        for digest, size in pairs:
+            content = self.contents.get(digest)
+            if content is None or content.size != size:
+                name, f = next((n, f) for n, h in self.hosts.items() for f in h.files
+                               if f.sha256 == digest)
+                raise RepoError(f"internal: {name}:{f.path} has no matching content")
+
+
+_DIGEST = operator.attrgetter("sha256")
+_DIGEST_SIZE = operator.attrgetter("sha256", "size")
 
 
 # -- the job shipped to every worker --------------------------------------------------------
@@ -122,11 +135,19 @@ class Fleet:
 
 @dataclass(frozen=True)
 class _Job:
+    """What a renderer needs to start: enough to compile the templates."""
+
     repo: GitRepo
     commit: str
     prefix: str  # "infra/" or ""
     tree: Mapping[str, TreeEntry]
     config: RepoConfig
+
+
+@dataclass(frozen=True)
+class _Data:
+    """What rendering a host needs besides the job: read while the workers compile."""
+
     hostvars: Mapping[str, Mapping[str, Any]]
     static: Mapping[str, tuple[str, int]]  # blob oid -> (sha256, size)
 
@@ -162,46 +183,63 @@ def render_fleet(
     with repo.blob_reader() as reader:
         config = RepoConfig.parse(_read_config(tree, reader, config_path, commit),
                                   config_path)
-        selected = _select(config, hosts)
-        var_files = _read_var_files(config, tree, reader, prefix, warnings)
-        hostvars = {name: config.vars_for(name, var_files) for name in config.hosts}
-        specs = [s for s in config.files
-                 if any(s.selects(config.hosts[h]) for h in selected)]
-        if hosts is None:
-            # By identity: `s not in specs` compared dataclasses pairwise, quadratic in
-            # the number of files (46 s of a 10,000-file build).
-            chosen = {id(s) for s in specs}
-            warnings.extend(f"{s.where()}: selects no host" for s in config.files
-                            if id(s) not in chosen)
-        static: dict[str, tuple[str, int]] = {}
-        for spec in specs:
-            entry = _source(spec, tree, prefix, commit)
-            if not spec.is_template and entry.oid not in static:
-                # Streamed through the batch reader: a 1 GiB file is never in memory.
-                static[entry.oid] = reader.hash(entry.oid)
-
-    job = _Job(repo=repo, commit=commit, prefix=prefix, tree=tree, config=config,
-               hostvars=hostvars, static=static)
+    selected = _select(config, hosts)
+    specs = [s for s in config.files if any(s.selects(config.hosts[h]) for h in selected)]
     if jobs is None:
         jobs = (os.cpu_count() or 1) if len(selected) > PARALLEL_THRESHOLD else 1
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
-    results = _run(job, selected, jobs, progress)
+    job = _Job(repo=repo, commit=commit, prefix=prefix, tree=tree, config=config)
+    chunks = _chunks(selected, jobs)
+    templates = sorted({s.src for s in specs if s.is_template})
+    # Workers start before the variables are read: they compile the templates while
+    # this process parses the vars files and hashes the static files.
+    with _workers(job, templates, min(jobs, len(chunks))) as pool:
+        with repo.blob_reader() as reader:
+            var_files = _read_var_files(config, tree, reader, prefix, warnings)
+            hostvars = {name: config.vars_for(name, var_files) for name in config.hosts}
+            if hosts is None:
+                # By identity: `s not in specs` compared dataclasses pairwise, quadratic
+                # in the number of files (46 s of a 10,000-file build).
+                chosen = {id(s) for s in specs}
+                warnings.extend(f"{s.where()}: selects no host" for s in config.files
+                                if id(s) not in chosen)
+            static: dict[str, tuple[str, int]] = {}
+            for spec in specs:
+                entry = _source(spec, tree, prefix, commit)
+                if not spec.is_template and entry.oid not in static:
+                    # Streamed through the batch reader: a 1 GiB file is never in memory.
+                    static[entry.oid] = reader.hash(entry.oid)
+        data = _Data(hostvars=hostvars, static=static)
+        if pool is None:
+            results = _render_here(job, data, selected, progress)
+        else:
+            results = _render_in(pool, data, chunks, progress)
+            # The workers exit while the results are put together here.
+            pool.shutdown(wait=False)
+        return _assemble(job, sub, static, results, warnings)
 
+
+def _assemble(job: _Job, sub: str, static: Mapping[str, tuple[str, int]],
+              results: list[_HostResult], warnings: list[str]) -> Fleet:
+    """The ``Fleet`` of these hosts' results, with only the contents they use."""
+    config_path = job.prefix + CONFIG_NAME
     contents: dict[str, Content] = {}
     for oid, (digest, size) in static.items():
         contents[digest] = BlobContent(oid=oid, size=size)
     for result in results:
-        for digest, data in result.rendered.items():
-            contents.setdefault(digest, RenderedContent(data))
+        for digest, rendered in result.rendered.items():
+            contents.setdefault(digest, RenderedContent(rendered))
         if not result.entry.files:
             warnings.append(f"{config_path}: host {result.name!r} gets no files")
     host_entries = {r.name: r.entry for r in sorted(results, key=lambda r: r.name)}
-    used = {f.sha256 for e in host_entries.values() for f in e.files}
+    used: set[str] = set()
+    for entry in host_entries.values():
+        used.update(map(_DIGEST, entry.files))
     logger.debug("rendered %d hosts, %d distinct contents from %s at %s", len(host_entries),
-                len(used), config_path, commit[:12])
+                 len(used), config_path, job.commit[:12])
     return Fleet(
-        commit=commit, path=sub, config_path=config_path, hosts=host_entries,
+        commit=job.commit, path=sub, config_path=config_path, hosts=host_entries,
         contents={d: contents[d] for d in sorted(used)}, warnings=tuple(warnings),
     )
 
@@ -275,39 +313,66 @@ def _source(spec: FileSpec, tree: Mapping[str, TreeEntry], prefix: str,
 # -- rendering, in this process or a worker ------------------------------------------------
 
 
-def _run(job: _Job, names: list[str], jobs: int,
-         progress: Callable[[int], None] | None) -> list[_HostResult]:
+def _chunks(names: list[str], jobs: int) -> list[list[str]]:
+    """The hosts in work units: one for a single process, several per worker else."""
     if jobs == 1 or len(names) <= 1:
-        with job.repo.blob_reader() as reader:
-            renderer = _Renderer(job, reader)
-            results = []
-            for name in names:
-                results.append(renderer.host(name))
-                if progress is not None:
-                    progress(1)
-            return results
+        return [names]
     size = max(1, math.ceil(len(names) / (jobs * _CHUNKS_PER_JOB)))
-    chunks = [names[i:i + size] for i in range(0, len(names), size)]
+    return [names[i:i + size] for i in range(0, len(names), size)]
+
+
+@contextlib.contextmanager
+def _workers(job: _Job, templates: list[str], count: int,
+             ) -> Iterator[ProcessPoolExecutor | None]:
+    """``count`` worker processes, started now, each compiling ``templates``; or None
+    to render in this process (``count`` 1)."""
+    if count <= 1:
+        yield None
+        return
     # fork is the cheapest start (no new interpreter, no re-import of Jinja2, the job is
-    # not pickled: about 0.5 s of a 200-host render); the blob readers are closed here.
+    # not pickled: about 0.5 s of a 200-host render); no blob reader is open here.
     # A thread (a progress bar's monitor, a caller's) means forkserver or spawn instead.
     if fork_is_safe():
         method = "fork"
     else:
         method = ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
                   else "spawn")
-    context = multiprocessing.get_context(method)
-    by_chunk: dict[int, list[_HostResult]] = {}
-    logger.debug("rendering %d hosts in %d chunks on %d processes", len(names), len(chunks),
-                 jobs)
-    with ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=context,
-                             initializer=_init_worker, initargs=(job,)) as pool:
-        futures = {pool.submit(_render_chunk, chunk): i for i, chunk in enumerate(chunks)}
-        for future in as_completed(futures):
-            i = futures[future]
-            by_chunk[i] = future.result()
+    logger.debug("starting %d %s workers", count, method)
+    with ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context(method),
+                             initializer=_init_worker, initargs=(job, templates)) as pool:
+        # The first task starts every forked worker at once (other methods start them
+        # as tasks arrive): their compiling overlaps what the caller reads next.
+        pool.submit(int)
+        yield pool
+
+
+def _render_here(job: _Job, data: _Data, names: list[str],
+                 progress: Callable[[int], None] | None) -> list[_HostResult]:
+    renderer = _Renderer(job)
+    renderer.use(data)
+    try:
+        results = []
+        for name in names:
+            results.append(renderer.host(name))
             if progress is not None:
-                progress(len(chunks[i]))
+                progress(1)
+        return results
+    finally:
+        renderer.release()
+
+
+def _render_in(pool: ProcessPoolExecutor, data: _Data, chunks: list[list[str]],
+               progress: Callable[[int], None] | None) -> list[_HostResult]:
+    # Pickled once here, not once per task; a worker unpickles it once.
+    shared = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+    by_chunk: dict[int, list[_HostResult]] = {}
+    logger.debug("rendering %d hosts in %d chunks", sum(map(len, chunks)), len(chunks))
+    futures = {pool.submit(_render_chunk, chunk, shared): i for i, chunk in enumerate(chunks)}
+    for future in as_completed(futures):
+        i = futures[future]
+        by_chunk[i] = future.result()
+        if progress is not None:
+            progress(len(chunks[i]))
     return [r for i in range(len(chunks)) for r in by_chunk[i]]
 
 
@@ -317,38 +382,60 @@ def fork_is_safe() -> bool:
     return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
 
 
-_WORKER: dict[str, _Job] = {}
+# One renderer per worker process: its templates compile once, not once per chunk
+# (compiling 50 templates per chunk made two workers slower than one process).
+_WORKER: dict[str, _Renderer] = {}
 
 
-def _init_worker(job: _Job) -> None:
-    # The job (tree, config, every host's vars) is sent once per worker, not per chunk.
-    _WORKER["job"] = job
+def _init_worker(job: _Job, templates: list[str]) -> None:
+    # The job (tree, config) is sent once per worker, not per chunk.
+    renderer = _WORKER["renderer"] = _Renderer(job)
+    try:
+        renderer.compile(templates)
+    finally:
+        renderer.release()
 
 
-def _render_chunk(names: list[str]) -> list[_HostResult]:
-    job = _WORKER["job"]
-    with job.repo.blob_reader() as reader:
-        # One renderer per worker: its templates compile once, not once per chunk
-        # (compiling 50 templates per chunk made two workers slower than one process).
-        renderer = _RENDERER.get("renderer")
-        if renderer is None:
-            renderer = _RENDERER["renderer"] = _Renderer(job, reader)
-        renderer.use_reader(reader)
-        try:
-            return [renderer.host(name) for name in names]
-        finally:
-            renderer.use_reader(None)
+def _render_chunk(names: list[str], shared: bytes) -> list[_HostResult]:
+    renderer = _WORKER["renderer"]
+    data = _WORKER_DATA.get("data")
+    if data is None:
+        data = _WORKER_DATA["data"] = pickle.loads(shared)  # noqa: S301 - our own parent's
+    renderer.use(data)
+    try:
+        return [renderer.host(name) for name in names]
+    finally:
+        renderer.release()
 
 
-_RENDERER: dict[str, _Renderer] = {}
+_WORKER_DATA: dict[str, _Data] = {}
+
+
+class _TemplateSource:
+    """Template sources through one ``git cat-file`` reader, started at the first read:
+    a worker's chunk seldom reads one (its templates compiled when it started)."""
+
+    def __init__(self, repo: GitRepo) -> None:
+        self._repo = repo
+        self._reader: BlobReader | None = None
+
+    def read(self, oid: str) -> bytes:
+        if self._reader is None:
+            self._reader = self._repo.blob_reader()
+        return self._reader.read(oid)
+
+    def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
 
 
 class _CommitLoader(jinja2.BaseLoader):
     """Templates from the commit's tree: names are paths from gitops.yaml's directory."""
 
-    def __init__(self, job: _Job, reader: BlobReader | None) -> None:
+    def __init__(self, job: _Job) -> None:
         self._job = job
-        self.reader = reader
+        self.source = _TemplateSource(job.repo)
         self.served: set[str] = set()  # display names, to find template frames
 
     def get_source(self, environment: jinja2.Environment, template: str,
@@ -361,9 +448,7 @@ class _CommitLoader(jinja2.BaseLoader):
         if not entry.is_regular:
             raise jinja2.TemplateNotFound(template, f"{display} is {entry.kind}")
         try:
-            if self.reader is None:
-                raise AssertionError("template loaded outside a chunk")
-            source = self.reader.read(entry.oid).decode("utf-8")
+            source = self.source.read(entry.oid).decode("utf-8")
         except UnicodeDecodeError as e:
             raise TemplateRenderError(f"{display}: not UTF-8 text (byte {e.start})") from e
         self.served.add(display)
@@ -373,9 +458,10 @@ class _CommitLoader(jinja2.BaseLoader):
 class _Renderer:
     """Renders hosts one by one with one environment (templates compile once)."""
 
-    def __init__(self, job: _Job, reader: BlobReader) -> None:
-        self._job = job
-        self._loader = _CommitLoader(job, reader)
+    def __init__(self, job: _Job) -> None:
+        self.job = self._job = job
+        self._data: _Data | None = None
+        self._loader = _CommitLoader(job)
         self._env = ImmutableSandboxedEnvironment(
             loader=self._loader,
             undefined=jinja2.StrictUndefined,
@@ -402,23 +488,54 @@ class _Renderer:
                   if getattr(fspec, kind))
             for fspec in job.config.files
         ]
+        # A static file whose dest and commands are plain text is the same entry on
+        # every host: built (and checked) for the first host that has it, then reused
+        # as it is (a 200-host fleet's 100,000 static entries were each rebuilt).
+        self._same_everywhere = [
+            not fspec.is_template and not _is_template_text(fspec.dest) and not any(
+                _is_template_text(c.run) for kind in kinds for c in getattr(fspec, kind))
+            for fspec, kinds in zip(job.config.files, self._command_kinds, strict=True)
+        ]
+        self._built: dict[int, FileEntry] = {}  # spec index -> entry, for those
 
-    def use_reader(self, reader: BlobReader | None) -> None:
-        """Read templates not yet compiled through ``reader`` (a worker's next chunk)."""
-        self._loader.reader = reader
+    def use(self, data: _Data) -> None:
+        """Render hosts with ``data`` from now on."""
+        self._data = data
+
+    def release(self) -> None:
+        """Stop the git reader that templates were read through, if one started (a
+        worker between chunks); the next template read starts another."""
+        self._loader.source.close()
+
+    def compile(self, names: list[str]) -> None:
+        """Compile these templates ahead of the first host.
+
+        Errors are left for rendering to raise: there they name the host.
+        """
+        for name in names:
+            try:
+                self._env.get_template(name)
+            except Exception as e:  # noqa: BLE001 - a template's own error, raised later
+                logger.debug("%s: not compiled ahead (%s)", name, e)
 
     def host(self, name: str) -> _HostResult:
-        job = self._job
+        job, data = self._job, self._data
+        if data is None:
+            raise AssertionError("host rendered before use(data)")
         spec = job.config.hosts[name]
-        context = dict(job.hostvars[name])
+        context = dict(data.hostvars[name])
         context.update(host=name, groups=list(spec.groups), hosts=self._all_hosts,
-                       hostvars=job.hostvars)
+                       hostvars=data.hostvars)
         files: dict[str, tuple[FileSpec, FileEntry]] = {}
         rendered: dict[str, bytes] = {}
         for i, fspec in enumerate(job.config.files):
             if not fspec.selects(spec):
                 continue
-            entry = self._file(i, fspec, name, context, rendered)
+            entry = self._built.get(i)
+            if entry is None:
+                entry = self._file(i, fspec, name, context, rendered, data.static)
+                if self._same_everywhere[i]:
+                    self._built[i] = entry
             if entry.path in files:
                 other = files[entry.path][0]
                 raise RepoConfigError(
@@ -432,7 +549,8 @@ class _Renderer:
         return _HostResult(name=name, entry=host_entry, rendered=rendered)
 
     def _file(self, index: int, fspec: FileSpec, host: str, context: dict[str, Any],
-              rendered: dict[str, bytes]) -> FileEntry:
+              rendered: dict[str, bytes], static: Mapping[str, tuple[str, int]],
+              ) -> FileEntry:
         """The entry of ``job.config.files[index]`` for ``host``, shared when equal."""
         job = self._job
         dest = self._inline_render(fspec.dest, fspec, "dest", host, context)
@@ -450,7 +568,7 @@ class _Renderer:
             rendered[digest] = data
             size = len(data)
         else:
-            digest, size = job.static[source.oid]
+            digest, size = static[source.oid]
         commands = {
             name: tuple(
                 Command(run=self._inline_render(c.run, fspec, f"{name}[{i}]", host, context),
@@ -486,7 +604,7 @@ class _Renderer:
     def _inline_render(self, text: str, fspec: FileSpec, key: str, host: str,
                        context: dict[str, Any]) -> str:
         """A ``dest`` or command string: a Jinja template only if it has ``{{``/``{%``."""
-        if "{{" not in text and "{%" not in text and "{#" not in text:
+        if not _is_template_text(text):
             return text
         try:
             template = self._inline.get(text)
@@ -521,6 +639,11 @@ class _Renderer:
         else:
             what = f"{type(e).__name__}: {e}"
         return TemplateRenderError(f"{where}: {what} (host {host})")
+
+
+def _is_template_text(text: str) -> bool:
+    """Whether a ``dest`` or command string holds Jinja syntax (else it is used as is)."""
+    return "{{" in text or "{%" in text or "{#" in text
 
 
 def _template_frame(e: BaseException, served: set[str]) -> str | None:

@@ -6,6 +6,7 @@ The rendered example is also handed to the real tools that will judge it on a ho
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -298,7 +299,10 @@ def test_undefined_attribute(fleet: FleetRepo) -> None:
         render(fleet)
 
 
-def test_syntax_error_names_template_and_line(fleet: FleetRepo) -> None:
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_syntax_error_names_template_and_line(fleet: FleetRepo, jobs: int) -> None:
+    # With workers, templates compile when a worker starts, before any host: the error
+    # still comes from the host that renders the template, and names it.
     fleet.replace("templates/backup/backup.timer.j2", "OnCalendar={{ backup_schedule }}",
                   "OnCalendar={{ backup_schedule }")
     fleet.commit()
@@ -306,7 +310,7 @@ def test_syntax_error_names_template_and_line(fleet: FleetRepo) -> None:
     with pytest.raises(TemplateRenderError,
                        match=rf"^templates/backup/backup\.timer\.j2:{line}: syntax error: "
                              r".* \(host camelot\)$"):
-        render(fleet)
+        render(fleet, jobs=jobs)
 
 
 def test_syntax_error_in_an_included_template(fleet: FleetRepo) -> None:
@@ -495,6 +499,19 @@ def test_hosts_share_an_entry_only_when_it_is_equal(fleet: FleetRepo) -> None:
     assert render(fleet, jobs=2) == serial
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_static_file_with_a_per_host_dest_lands_at_each_hosts_path(
+        fleet: FleetRepo, jobs: int) -> None:
+    # A static file is one entry for every host only while its dest is plain text.
+    many_hosts(fleet, 3)
+    fleet.replace("gitops.yaml", "    dest: /etc/nginx/proxy_params\n",
+                  "    dest: /etc/nginx/{{ host }}.params\n")
+    fleet.commit()
+    result = render(fleet, jobs=jobs)
+    for name in ("frodo", "web000", "web002"):
+        assert f"/etc/nginx/{name}.params" in result.hosts[name].by_path()
+
+
 def test_workers_started_beside_another_thread_render_the_same(fleet: FleetRepo) -> None:
     # With no other thread the workers are forked; a live thread (a progress bar's
     # monitor, a caller's) makes render_fleet use forkserver instead.
@@ -522,6 +539,16 @@ def test_errors_cross_the_process_boundary(fleet: FleetRepo) -> None:
     with pytest.raises(TemplateRenderError, match=r"^templates/nginx/app\.conf\.j2:\d+: "
                                                   "'server_nam' is undefined"):
         render(fleet, jobs=2)
+
+
+def test_a_fleet_whose_entry_has_no_matching_content_cannot_be_made(fleet: FleetRepo) -> None:
+    good = render(fleet)
+    entry = good.hosts["frodo"].files[0]
+    for contents in ({d: c for d, c in good.contents.items() if d != entry.sha256},
+                     {**good.contents, entry.sha256: RenderedContent(b"x" * (entry.size + 1))}):
+        with pytest.raises(RepoError, match=rf"^internal: frodo:{entry.path} has no "
+                                            "matching content$"):
+            dataclasses.replace(good, contents=contents)
 
 
 def test_jobs_must_be_positive(fleet: FleetRepo) -> None:
