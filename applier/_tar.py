@@ -64,6 +64,9 @@ class TarReader:
         self._pos = 0
         self.limit = limit
         self._pending = 0  # unread data + padding of the current member
+        # The last fully parsed header's bytes other than name, size and checksum (the
+        # only fields a builder's headers differ in), and their byte sum.
+        self._like: tuple[bytes, bytes, bytes, int, int] | None = None
 
     @property
     def position(self) -> int:
@@ -101,6 +104,43 @@ class TarReader:
         return self._parse(block, offset)
 
     def _parse(self, block: bytes, offset: int) -> Header:
+        """The header in ``block``, checked; the next headers of a bundle mostly differ
+        from this one only in name, size and checksum, and then take ``_parse_like``."""
+        like = self._like
+        if (like is not None and block[100:124] == like[0] and block[136:148] == like[1]
+                and block[156:] == like[2]):
+            header = self._parse_like(block, offset, like[3], like[4])
+            if header is not None:
+                return header
+        header = self._parse_full(block, offset)
+        if not block[345:500].strip(b"\0"):  # no name prefix: full = the name field
+            self._like = (block[100:124], block[136:148], block[156:],
+                          sum(block[100:124]) + sum(block[136:148]) + sum(block[156:]),
+                          header.mode)
+        return header
+
+    @staticmethod
+    def _parse_like(block: bytes, offset: int, fixed_sum: int, mode: int) -> Header | None:
+        """``block``'s header if it is fully valid, knowing that all its bytes but the
+        name, size and checksum fields equal a header ``_parse_full`` accepted, with no
+        name prefix; None sends it to ``_parse_full``, which words any error.
+
+        Those equal bytes already passed every check there (magic, type, link target,
+        prefix, mode); what is left is the name, the size and the checksum.
+        """
+        name_field = block[:100]
+        size_field = block[124:136]
+        computed = fixed_sum + sum(name_field) + sum(size_field) + 8 * 0x20
+        raw_name = name_field.split(b"\0", 1)[0]
+        size = size_field.rstrip(b"\0 ").lstrip(b" ")
+        stored = block[148:156].rstrip(b"\0 ").lstrip(b" ")
+        if (not raw_name or _UNSAFE_NAME.search(raw_name) or not _OCTAL.fullmatch(size)
+                or not _OCTAL.fullmatch(stored) or int(stored, 8) != computed):
+            return None
+        return Header(name=raw_name.decode("ascii"), size=int(size, 8), mode=mode,
+                      offset=offset)
+
+    def _parse_full(self, block: bytes, offset: int) -> Header:
         stored = _octal(block[148:156], "checksum", offset)
         computed = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
         if stored != computed:
