@@ -459,7 +459,7 @@ class _Renderer:
     """Renders hosts one by one with one environment (templates compile once)."""
 
     def __init__(self, job: _Job) -> None:
-        self.job = self._job = job
+        self._job = job
         self._data: _Data | None = None
         self._loader = _CommitLoader(job)
         self._env = ImmutableSandboxedEnvironment(
