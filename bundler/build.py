@@ -42,7 +42,7 @@ from applier.sshsig import AllowedSigners, parse_signatures, signature_fingerpri
 from applier.verify import NAMESPACE, TrustPolicy, VerifiedManifest
 from bundler.errors import BuildError
 from bundler.git import GitRepo
-from bundler.render import fork_is_safe, render_fleet
+from bundler.render import Fleet, fork_is_safe, render_fleet
 from bundler.signing import SigningKey, sign
 from bundler.writer import Member, compression_for, write_tar
 
@@ -122,27 +122,23 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
     if dirty:
         logger.warning("the working tree has uncommitted changes; they are NOT in the bundle "
                        "(building commit %s)", commit[:12])
-    # No monitor thread: it only tunes refresh rates, and a thread in this process
-    # would keep render_fleet from forking its workers (render.py).
-    tqdm.monitor_interval = 0
-    with tqdm(desc="rendering", unit="host", file=sys.stderr, leave=False,
-              disable=not sys.stderr.isatty()) as bar:
-        fleet = render_fleet(repo, commit, opts.subpath,
-                             hosts=list(opts.hosts) if opts.hosts else None, jobs=opts.jobs,
-                             progress=bar.update)
-    for w in fleet.warnings:
-        logger.warning("%s", w)
-    sequence = opts.sequence if opts.sequence is not None else repo.count_commits(commit)
-    if sequence < 1:
-        raise BuildError(f"--sequence must be at least 1, not {sequence}")
-    expires = None
-    if opts.expires is not None:
-        expires = max(build_now(), info.time) + opts.expires
     out = opts.out.absolute()
     with tempfile.TemporaryDirectory(prefix=".gitops-build-", dir=out.parent) as tmp:
         history = Path(tmp) / "history.bundle"
         ref = f"refs/heads/{info.branch}" if info.branch else "refs/gitops/commit"
-        repo.create_bundle(commit, ref, history)
+        # git packs the history while this process renders (0.6 s of a 200-host build).
+        with repo.start_bundle(commit, ref, history) as pending:
+            fleet = _render(repo, commit, opts)
+            for w in fleet.warnings:
+                logger.warning("%s", w)
+            sequence = (opts.sequence if opts.sequence is not None
+                        else repo.count_commits(commit))
+            if sequence < 1:
+                raise BuildError(f"--sequence must be at least 1, not {sequence}")
+            expires = None
+            if opts.expires is not None:
+                expires = max(build_now(), info.time) + opts.expires
+            tips = pending.wait()
         with history.open("rb") as f:
             git_sha, git_size = _fs.hash_stream(f)
         manifest = Manifest(
@@ -152,7 +148,7 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
                           branch=info.branch, author=info.author, subject=info.subject,
                           path=fleet.path),
             builder=BUILDER, hosts=fleet.hosts,
-            git=GitInfo(git_sha, git_size, {ref: commit}),
+            git=GitInfo(git_sha, git_size, tips),
         )
         manifest_bytes = manifest.to_bytes()
         signature = sign(manifest_bytes, key)
@@ -175,6 +171,17 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
                              compression=compression, progress=bar.update,
                              check=lambda p: _self_check(p, key, info.time, view))
     return BuildResult(out, manifest, size, dirty, fleet.warnings)
+
+
+def _render(repo: GitRepo, commit: str, opts: BuildOptions) -> Fleet:
+    # No monitor thread: it only tunes refresh rates, and a thread in this process
+    # would keep render_fleet from forking its workers (render.py).
+    tqdm.monitor_interval = 0
+    with tqdm(desc="rendering", unit="host", file=sys.stderr, leave=False,
+              disable=not sys.stderr.isatty()) as bar:
+        return render_fleet(repo, commit, opts.subpath,
+                            hosts=list(opts.hosts) if opts.hosts else None, jobs=opts.jobs,
+                            progress=bar.update)
 
 
 def _self_check(path: Path, key: SigningKey, now: int, view: _ParseBeside) -> None:

@@ -302,6 +302,14 @@ class GitRepo:
         One pack thread and no user config make the bytes the same on every run over
         the same object store (a ``git gc`` in between may change delta choices).
         """
+        with self.start_bundle(commit, ref_name, out_path) as pending:
+            return pending.wait()
+
+    def start_bundle(self, commit: str, ref_name: str, out_path: str | os.PathLike[str],
+                     ) -> PendingBundle:
+        """``create_bundle`` with the packing left running: ``git bundle create`` works
+        while the caller goes on, and ``PendingBundle.wait`` gives the tips. Everything
+        that can be refused (the ref name, a shallow clone) is checked here, first."""
         commit = self.resolve(commit)
         if not ref_name.startswith("refs/"):
             raise GitError(f"ref name {ref_name!r} must start with 'refs/'")
@@ -311,17 +319,58 @@ class GitRepo:
             raise GitError(f"{self.path} is a shallow clone: the history bundle needs the "
                            "full history (run 'git fetch --unshallow')")
         objects = self._git("rev-parse", "--path-format=absolute", "--git-path", "objects")
-        out = Path(out_path).absolute()
-        with tempfile.TemporaryDirectory(prefix="gitops-bundle-") as tmp:
-            scratch = Path(tmp) / "scratch.git"
+        return PendingBundle(objects, commit, ref_name, Path(out_path).absolute())
+
+
+class PendingBundle:
+    """A history bundle that ``git bundle create`` is writing (a context manager: leaving
+    it stops git if it still runs and removes the scratch repository)."""
+
+    def __init__(self, objects: bytes, commit: str, ref_name: str, out: Path) -> None:
+        self._out = out
+        self._tips = {ref_name: commit}
+        self._tmp = tempfile.TemporaryDirectory(prefix="gitops-bundle-")
+        # Closed in close(): a with-block cannot span the git process.
+        self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            scratch = Path(self._tmp.name) / "scratch.git"
             _run_isolated("init", "--quiet", "--bare", "--template=", str(scratch))
             (scratch / "objects" / "info").mkdir(parents=True, exist_ok=True)
             (scratch / "objects" / "info" / "alternates").write_bytes(objects)
             _run_isolated("-C", str(scratch), "update-ref", ref_name, commit)
-            _run_isolated("-C", str(scratch), "-c", "pack.threads=1",
-                          "bundle", "create", "--quiet", str(out), ref_name)
-        logger.debug("wrote history bundle %s (%s -> %s)", out, ref_name, commit[:12])
-        return {ref_name: commit}
+            argv = ["git", *MEMORY_BOUNDS, "-C", str(scratch), "-c", "pack.threads=1",
+                    "bundle", "create", "--quiet", str(out), ref_name]
+            logger.debug("starting %s", argv)
+            # No pipes: a worker forked meanwhile (render.py) inherits nothing git waits on.
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=self._err,
+                                          env=_env(isolated=True))
+        except BaseException:
+            self._err.close()
+            self._tmp.cleanup()
+            raise
+
+    def wait(self) -> dict[str, str]:
+        """The bundle's tips, once git has written it; GitError if git failed."""
+        if self._proc.wait() != 0:
+            self._err.seek(0)
+            raise GitError(f"creating the history bundle: {_first_line(self._err.read())}")
+        logger.debug("wrote history bundle %s (%s)", self._out, self._tips)
+        return self._tips
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._err.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 def _run_isolated(*args: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,35 @@ def test_create_bundle_of_an_older_commit(fleet: FleetRepo, repo: GitRepo,
 def test_create_bundle_rejects_bad_ref_names(repo: GitRepo, tmp_path: Path, ref: str) -> None:
     with pytest.raises(GitError, match="ref name"):
         repo.create_bundle("HEAD", ref, tmp_path / "x.bundle")
+
+
+def test_a_bundle_started_in_the_background_is_the_same_bundle(
+        repo: GitRepo, tmp_path: Path) -> None:
+    # The build starts git packing, renders meanwhile, then waits.
+    at_once, started = tmp_path / "at-once.bundle", tmp_path / "started.bundle"
+    tips = repo.create_bundle("HEAD", "refs/heads/gitops", at_once)
+    with repo.start_bundle("HEAD", "refs/heads/gitops", started) as pending:
+        assert pending.wait() == tips
+    assert started.read_bytes() == at_once.read_bytes()
+
+
+def test_leaving_a_started_bundle_early_leaves_nothing_behind(
+        repo: GitRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    pending = repo.start_bundle("HEAD", "refs/heads/gitops", tmp_path / "x.bundle")
+    assert list(scratch.iterdir())  # the scratch repository git packs from
+    pending.close()  # as leaving its with-block on a render error does
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_started_bundle_that_git_cannot_write_is_one_error(
+        repo: GitRepo, tmp_path: Path) -> None:
+    with repo.start_bundle("HEAD", "refs/heads/gitops",
+                           tmp_path / "missing" / "x.bundle") as pending, \
+            pytest.raises(GitError, match=r"^creating the history bundle: .+$"):
+        pending.wait()
 
 
 def test_create_bundle_refuses_a_shallow_clone(fleet: FleetRepo, tmp_path: Path) -> None:
