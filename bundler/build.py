@@ -40,7 +40,7 @@ from applier.manifest import (
 )
 from applier.sshsig import AllowedSigners, parse_signatures, signature_fingerprints, verify_one
 from applier.verify import NAMESPACE, TrustPolicy, VerifiedManifest
-from bundler.errors import BuildError
+from bundler.errors import BuildError, OutputError
 from bundler.git import GitRepo
 from bundler.render import Fleet, fork_is_safe, render_fleet
 from bundler.signing import SigningKey, sign
@@ -123,7 +123,11 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
         logger.warning("the working tree has uncommitted changes; they are NOT in the bundle "
                        "(building commit %s)", commit[:12])
     out = opts.out.absolute()
-    with tempfile.TemporaryDirectory(prefix=".gitops-build-", dir=out.parent) as tmp:
+    try:
+        workdir = tempfile.TemporaryDirectory(prefix=".gitops-build-", dir=out.parent)
+    except OSError as e:  # a missing or read-only directory, before any work is done
+        raise OutputError(str(_fs.io_error(e, f"cannot write {out}"))) from e
+    with workdir as tmp:
         history = Path(tmp) / "history.bundle"
         ref = f"refs/heads/{info.branch}" if info.branch else "refs/gitops/commit"
         # git packs the history while this process renders (0.6 s of a 200-host build).

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from applier.errors import ApplierError, ManifestError
+from applier.errors import ApplierError, ExitCode, ManifestError
 from applier.manifest import Manifest
 from bundler import build as build_module
+from bundler import cli as bundler_cli
 from bundler import writer
 from bundler.build import BuildOptions, build
 from bundler.signing import load_signing_key
@@ -91,3 +92,19 @@ def test_the_bytes_do_not_depend_on_where_the_check_ran(
         thread.join()
     assert forked == [True, False]
     assert beside.read_bytes() == here.read_bytes()
+
+
+@pytest.mark.parametrize("where", ["missing/b.tar", "file/b.tar"])
+def test_an_output_directory_that_cannot_hold_the_bundle_is_one_error(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        capsys: pytest.CaptureFixture[str], where: str) -> None:
+    (tmp_path / "file").write_text("not a directory\n")
+    out = tmp_path / where
+    code = bundler_cli.main(["build", str(fleet_repo), "--key", str(signing_key.private),
+                             "-o", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == ExitCode.IO
+    assert lines[-1].startswith(f"gitops-bundle: error: cannot write {out}: "), lines
+    assert "internal" not in lines[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fleet_repo.name, "file"])
+
