@@ -52,7 +52,8 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--output", "out", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Bundle file: .tar, .tar.gz or .tar.zst.")
-@click.option("--expires", metavar="DURATION", help="Hosts refuse it after e.g. 90s, 12h, 30d.")
+@click.option("--expires", metavar="DURATION", callback=lambda _c, _p, v: _duration(v),
+              help="Hosts refuse it after e.g. 90s, 12h, 30d.")
 @click.option("--sequence", type=int, help="Override the monotonic sequence number.")
 @click.option("--compression", type=click.Choice(["none", "gzip", "zstd"]),
               help="Default: from the output file name.")
@@ -65,7 +66,7 @@ def cli(verbose: bool) -> None:
 @click.option("--reset-sequence", is_flag=True,
               help="With --trust-update: let hosts reset their sequence high-water mark.")
 def build_cmd(repo: Path, rev: str, subpath: str, key_path: Path, out: Path,
-              expires: str | None, sequence: int | None, compression: str | None,
+              expires: int | None, sequence: int | None, compression: str | None,
               hosts: tuple[str, ...], jobs: int | None, trust_update: Path | None,
               trust_threshold: int, reset_sequence: bool) -> None:
     """Turn one commit of REPO into one signed, reproducible bundle."""
@@ -76,7 +77,7 @@ def build_cmd(repo: Path, rev: str, subpath: str, key_path: Path, out: Path,
     key = load_signing_key(key_path, passphrase_for(key_path))
     result = build(BuildOptions(
         repo=repo, out=out, rev=rev, subpath=subpath,
-        expires=parse_duration(expires) if expires else None, sequence=sequence,
+        expires=expires, sequence=sequence,
         compression=compression, hosts=hosts or None, jobs=jobs, trust=trust), key)
     m = result.manifest
     files = sum(len(h.files) for h in m.hosts.values())
@@ -84,6 +85,16 @@ def build_cmd(repo: Path, rev: str, subpath: str, key_path: Path, out: Path,
                f"{m.source.commit[:12]} \"{m.source.subject}\", {len(m.hosts)} host(s), "
                f"{files} file(s), {len(m.blobs)} distinct blob(s), signed by "
                f"{key.fingerprint}")
+
+
+def _duration(value: str | None) -> int | None:
+    """``--expires`` in seconds; a malformed duration is a usage error."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except BuildError as e:
+        raise click.BadParameter(str(e).removeprefix("--expires: ")) from e
 
 
 @cli.command("sign")
@@ -150,7 +161,11 @@ def _run(argv: list[str]) -> int:
     except click.exceptions.Exit as e:
         return int(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        # One line, as every other refusal (click's own shows usage and a blank line).
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else PROG
+        click.echo(_log.error_line(PROG, f"{e.format_message()} (see: {where} --help)"),
+                   err=True)
         return ExitCode.USAGE
     except click.Abort:
         click.echo(_log.error_line(PROG, "aborted"), err=True)

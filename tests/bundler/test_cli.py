@@ -1,0 +1,63 @@
+"""``gitops-bundle``'s command line: a command line that cannot run is one line, exit 2.
+
+Every other refusal of either command is one line on stderr with its own exit code;
+click's own usage errors (a usage dump, a blank line, then the error) are rewritten
+to that form, and ``--expires`` that is not a duration is one of them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from applier.errors import ExitCode
+from bundler import cli as bundler_cli
+
+from factory import KeyPair
+
+CASES = [
+    ("unknown option", ["build", "--bogus"],
+     r"No such option '--bogus'.* \(see: gitops-bundle build --help\)$"),
+    ("unknown command", ["nosuch"],
+     r"No such command 'nosuch'\. \(see: gitops-bundle --help\)$"),
+    ("missing key", ["build", "{repo}", "-o", "{tmp}/b.tar"], r"Missing option '--key'"),
+    ("output is a directory", ["build", "{repo}", "--key", "{key}", "-o", "{tmp}"],
+     r"Invalid value for '-o' / '--output': .* is a directory"),
+    ("expires not a duration",
+     ["build", "{repo}", "--key", "{key}", "-o", "{tmp}/b.tar", "--expires", "5q"],
+     r"Invalid value for '--expires': '5q' is not a duration like 90s, 12h, 30d"),
+    ("expires zero",
+     ["build", "{repo}", "--key", "{key}", "-o", "{tmp}/b.tar", "--expires", "0d"],
+     r"Invalid value for '--expires': the duration must be positive"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), [(a, m) for _, a, m in CASES],
+                         ids=[n for n, _, _ in CASES])
+def test_a_command_line_that_cannot_run_is_one_line_and_exit_2(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [a.format(repo=fleet_repo, key=signing_key.private, tmp=out) for a in argv]
+    code = bundler_cli.main(args)
+    err = capsys.readouterr().err
+    assert code == ExitCode.USAGE
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("gitops-bundle: error: ")
+    assert re.search(message, err), err
+    assert list(out.iterdir()) == []
+
+
+def test_a_valid_expiry_reaches_the_manifest(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "2000000000")
+    out = tmp_path / "b.tar"
+    assert bundler_cli.main(["build", str(fleet_repo), "--key", str(signing_key.private),
+                             "-o", str(out), "--expires", "2h"]) == 0
+    capsys.readouterr()
+    assert bundler_cli.main(["inspect", str(out), "--json"]) == 0
+    assert '"expires": 2000007200' in capsys.readouterr().out
