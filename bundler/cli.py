@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -41,6 +42,20 @@ def cli(verbose: bool) -> None:
     _log.setup(PROG, verbose)
 
 
+class _OutputFile(click.Path):
+    """A bundle file to write: not a directory, nor named like one (``bundles/`` would
+    otherwise be written as a file called ``bundles``)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.endswith("/"):
+            self.fail(f"{value!r} names a directory: give the bundle's file name", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 @cli.command("build")
 @click.argument("repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."))
 @click.option("--rev", default="HEAD", show_default=True, help="The commit to build.")
@@ -49,8 +64,7 @@ def cli(verbose: bool) -> None:
               type=click.Path(dir_okay=False, path_type=Path),
               help=f"OpenSSH Ed25519 private key (passphrase from ${PASSPHRASE_ENV} or a "
                    "prompt).")
-@click.option("-o", "--output", "out", required=True,
-              type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=_OutputFile(),
               help="Bundle file: .tar, .tar.gz or .tar.zst.")
 @click.option("--expires", metavar="DURATION", callback=lambda _c, _p, v: _duration(v),
               help="Hosts refuse it after e.g. 90s, 12h, 30d.")
@@ -101,7 +115,7 @@ def _duration(value: str | None) -> int | None:
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--key", "key_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="Co-signer's private key.")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", "out", type=_OutputFile(),
               help="Write here instead of replacing BUNDLE.")
 def sign_cmd(bundle: Path, key_path: Path, out: Path | None) -> None:
     """Add a signature to BUNDLE without changing its manifest (k-of-n co-signing)."""
