@@ -173,6 +173,8 @@ class GitRepo:
         except FileNotFoundError as e:
             raise GitError("git is not installed (no 'git' on PATH)") from e
         if proc.returncode != 0:
+            if what and not proc.stderr.strip():  # e.g. rev-parse --quiet: nothing to add
+                raise GitError(what)
             reason = _first_line(proc.stderr)
             raise GitError(f"{what}: {reason}" if what else f"git {args[0]}: {reason}")
         return proc.stdout

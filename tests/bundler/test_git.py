@@ -52,7 +52,7 @@ def test_resolve_names_full_commit_ids(fleet: FleetRepo, repo: GitRepo) -> None:
 @pytest.mark.parametrize(
     ("rev", "message"),
     [
-        ("nope", "'nope' is not a commit"),
+        ("nope", r"^'nope' is not a commit in \S+$"),  # git says nothing: no ": ..."
         ("HEAD^{tree}", "is not a commit"),
         ("--all", "is not a revision"),
         ("", "is not a revision"),
