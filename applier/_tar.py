@@ -46,8 +46,13 @@ _OCTAL = re.compile(rb"[0-7]+")
 _UNSAFE_NAME = re.compile(rb"[^\x21-\x7e]")
 
 
+def _digits(field: bytes) -> bytes:
+    """A numeric field without the NULs and spaces tar writers pad it with."""
+    return field.rstrip(b"\0 ").lstrip(b" ")
+
+
 def _octal(field: bytes, what: str, offset: int) -> int:
-    text = field.rstrip(b"\0 ").lstrip(b" ")
+    text = _digits(field)
     if not text:
         return 0
     if not _OCTAL.fullmatch(text):
@@ -132,8 +137,8 @@ class TarReader:
         size_field = block[124:136]
         computed = fixed_sum + sum(name_field) + sum(size_field) + 8 * 0x20
         raw_name = name_field.split(b"\0", 1)[0]
-        size = size_field.rstrip(b"\0 ").lstrip(b" ")
-        stored = block[148:156].rstrip(b"\0 ").lstrip(b" ")
+        size = _digits(size_field)
+        stored = _digits(block[148:156])
         if (not raw_name or _UNSAFE_NAME.search(raw_name) or not _OCTAL.fullmatch(size)
                 or not _OCTAL.fullmatch(stored) or int(stored, 8) != computed):
             return None
