@@ -340,8 +340,8 @@ class PendingBundle:
             (scratch / "objects" / "info").mkdir(parents=True, exist_ok=True)
             (scratch / "objects" / "info" / "alternates").write_bytes(objects)
             _run_isolated("-C", str(scratch), "update-ref", ref_name, commit)
-            argv = ["git", *MEMORY_BOUNDS, "-C", str(scratch), "-c", "pack.threads=1",
-                    "bundle", "create", "--quiet", str(out), ref_name]
+            argv = _isolated_argv("-C", str(scratch), "-c", "pack.threads=1",
+                                  "bundle", "create", "--quiet", str(out), ref_name)
             logger.debug("starting %s", argv)
             # No pipes: a worker forked meanwhile (render.py) inherits nothing git waits on.
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
@@ -356,7 +356,7 @@ class PendingBundle:
         """The bundle's tips, once git has written it; GitError if git failed."""
         if self._proc.wait() != 0:
             self._err.seek(0)
-            raise GitError(f"creating the history bundle: {_first_line(self._err.read())}")
+            raise _bundle_error(self._err.read())
         logger.debug("wrote history bundle %s (%s)", self._out, self._tips)
         return self._tips
 
@@ -375,12 +375,22 @@ class PendingBundle:
         self.close()
 
 
+def _isolated_argv(*args: str) -> list[str]:
+    """A git command for the history bundle's scratch repository (run with
+    ``_env(isolated=True)``)."""
+    return ["git", *MEMORY_BOUNDS, *args]
+
+
+def _bundle_error(stderr: bytes) -> GitError:
+    return GitError(f"creating the history bundle: {_first_line(stderr)}")
+
+
 def _run_isolated(*args: str) -> None:
-    argv = ["git", *MEMORY_BOUNDS, *args]
+    argv = _isolated_argv(*args)
     logger.debug("running %s", argv)
     proc = subprocess.run(argv, capture_output=True, env=_env(isolated=True), check=False)
     if proc.returncode != 0:
-        raise GitError(f"creating the history bundle: {_first_line(proc.stderr)}")
+        raise _bundle_error(proc.stderr)
 
 
 class BlobReader:
