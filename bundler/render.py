@@ -398,17 +398,12 @@ def _init_worker(job: _Job, templates: list[str]) -> None:
 
 def _render_chunk(names: list[str], shared: bytes) -> list[_HostResult]:
     renderer = _WORKER["renderer"]
-    data = _WORKER_DATA.get("data")
-    if data is None:
-        data = _WORKER_DATA["data"] = pickle.loads(shared)  # noqa: S301 - our own parent's
-    renderer.use(data)
+    if not renderer.has_data:  # this worker's first chunk
+        renderer.use(pickle.loads(shared))  # noqa: S301 - our own parent's
     try:
         return [renderer.host(name) for name in names]
     finally:
         renderer.release()
-
-
-_WORKER_DATA: dict[str, _Data] = {}
 
 
 class _TemplateSource:
@@ -501,6 +496,10 @@ class _Renderer:
     def use(self, data: _Data) -> None:
         """Render hosts with ``data`` from now on."""
         self._data = data
+
+    @property
+    def has_data(self) -> bool:
+        return self._data is not None
 
     def release(self) -> None:
         """Stop the git reader that templates were read through, if one started (a
