@@ -175,28 +175,22 @@ class WorkloadBench:
     def _series(self, argv: Sequence[str | os.PathLike[str]], reps: int | None = None,
                 before: Any = None, **kw: Any) -> Series:
         """Warm-up run(s), then ``reps`` timed runs; ``before`` resets state untimed."""
-        series = Series()
-        for i in range(self.warmup + (self.reps if reps is None else reps)):
-            if before is not None:
-                before()
-            sync()
-            s = self._run(argv, **kw)
-            if i >= self.warmup:
-                series.add(s)
-        return series
+        return self._in_turns([argv], reps, before, **kw)[0]
 
-    def _alternating(self, a: Sequence[str | os.PathLike[str]],
-                     b: Sequence[str | os.PathLike[str]]) -> tuple[Series, Series]:
-        """Two commands' series taken in turns (a, b, a, b, ...) after a warm-up of each,
-        so a slow minute of a shared machine weighs on both, not on one."""
-        first, second = Series(), Series()
-        for i in range(self.warmup + self.reps):
-            for argv, series in ((a, first), (b, second)):
+    def _in_turns(self, argvs: Sequence[Sequence[str | os.PathLike[str]]],
+                  reps: int | None = None, before: Any = None, **kw: Any) -> list[Series]:
+        """One series per command, taken in turns (a, b, a, b, ...) after a warm-up of
+        each, so a slow minute of a shared machine weighs on all, not on one."""
+        out = [Series() for _ in argvs]
+        for i in range(self.warmup + (self.reps if reps is None else reps)):
+            for argv, series in zip(argvs, out, strict=True):
+                if before is not None:
+                    before()
                 sync()
-                s = self._run(argv)
+                s = self._run(argv, **kw)
                 if i >= self.warmup:
                     series.add(s)
-        return first, second
+        return out
 
     def _bash(self, script: str, *args: str | os.PathLike[str]) -> list[str]:
         return ["bash", "-c", script, "bench", *[str(a) for a in args]]
@@ -236,7 +230,7 @@ class WorkloadBench:
         one: Series | None = None
         if wl.name == "fleet" and cores > 1:
             # The pool against one process: two runs of our own code, in turns.
-            render, one = self._alternating(render_argv, [*render_argv, "1"])
+            render, one = self._in_turns([render_argv, [*render_argv, "1"]])
         else:
             render = self._series(render_argv)
 
