@@ -87,6 +87,11 @@ def _progress_bar(desc: str) -> Iterator[None]:
 class UsageError(Exception):
     """A command line that cannot run: one line on stderr, exit code 2 (usage)."""
 
+    @classmethod
+    def pointing_to_help(cls, message: str, command: str) -> UsageError:
+        """``message``, then where to read how ``command`` is used."""
+        return cls(f"{message} (see: {command} --help)")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with our error line (no usage dump) and no option abbreviations."""
@@ -96,7 +101,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see: {self.prog} --help)")
+        raise UsageError.pointing_to_help(message, self.prog)
 
 
 class _Version(argparse.Action):
@@ -583,11 +588,15 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int | None], str,
 
 def run_command(prog: str, argv: list[str] | None, command: Callable[[list[str]], int],
                 errors: tuple[type[Exception], ...]) -> int:
-    """Run ``command(args)``; map our error trees to one stderr line and an exit code."""
+    """Run ``command(args)``; map a UsageError and our error trees to one stderr line
+    and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args
     try:
         return command(args)
+    except UsageError as e:
+        _error(prog, str(e))
+        return ExitCode.USAGE
     except errors as e:
         if verbose:
             traceback.print_exc()
@@ -604,18 +613,14 @@ def run_command(prog: str, argv: list[str] | None, command: Callable[[list[str]]
 
 
 def _run(argv: list[str]) -> int:
-    """Parse, then run the command; a usage error from either is one line and exit 2."""
+    """Parse, then run the command (a UsageError from either: see run_command)."""
     try:
-        try:
-            args = _parse(argv)
-        except SystemExit as e:  # --help, --version
-            return int(e.code or 0)
-        _log.setup(PROG, args.verbose)
-        args.root = args.root.absolute()
-        code = args.handler(args)
-    except UsageError as e:
-        _error(PROG, str(e))
-        return ExitCode.USAGE
+        args = _parse(argv)
+    except SystemExit as e:  # --help, --version
+        return int(e.code or 0)
+    _log.setup(PROG, args.verbose)
+    args.root = args.root.absolute()
+    code = args.handler(args)
     return ExitCode.OK if code is None else int(code)
 
 

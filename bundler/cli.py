@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from applier import _log
-from applier.cli import run_command
+from applier.cli import UsageError, run_command
 from applier.errors import ApplierError, ExitCode
 from bundler.build import (
     BuildOptions,
@@ -168,22 +168,19 @@ cli.add_command(wheelhouse_cmd)
 
 
 def _run(argv: list[str]) -> int:
-    """The click group, with its usage errors as one line and exit code 2."""
+    """The click group; its usage errors become ours (one line, exit 2: run_command)."""
     try:
         # With standalone_mode=False, click returns ctx.exit(N)'s code instead of raising.
         code = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
     except click.exceptions.Exit as e:
         return int(e.exit_code)
     except click.ClickException as e:
-        # One line, as every other refusal (click's own shows usage and a blank line).
+        # Not click's own form (usage, a hint, a blank line, then the error).
         ctx = getattr(e, "ctx", None)
-        where = ctx.command_path if ctx is not None else PROG
-        click.echo(_log.error_line(PROG, f"{e.format_message()} (see: {where} --help)"),
-                   err=True)
-        return ExitCode.USAGE
-    except click.Abort:
-        click.echo(_log.error_line(PROG, "aborted"), err=True)
-        return ExitCode.USAGE
+        raise UsageError.pointing_to_help(
+            e.format_message(), ctx.command_path if ctx is not None else PROG) from e
+    except click.Abort as e:
+        raise UsageError("aborted") from e
     return code if isinstance(code, int) else ExitCode.OK
 
 
