@@ -34,7 +34,7 @@ import shlex
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,11 +145,26 @@ class _Job:
 
 
 @dataclass(frozen=True)
+class _Compiled:
+    """Templates one worker compiled, for the others: what a loader read and what the
+    compiler made of it (Jinja bytecode, checked against the source's checksum)."""
+
+    sources: Mapping[str, bytes] = field(default_factory=dict)  # blob oid -> bytes
+    bytecode: Mapping[str, bytes] = field(default_factory=dict)  # bucket key -> bytes
+
+    @classmethod
+    def merge(cls, parts: Sequence[_Compiled]) -> _Compiled:
+        return cls(sources={k: v for p in parts for k, v in p.sources.items()},
+                   bytecode={k: v for p in parts for k, v in p.bytecode.items()})
+
+
+@dataclass(frozen=True)
 class _Data:
     """What rendering a host needs besides the job: read while the workers compile."""
 
     hostvars: Mapping[str, Mapping[str, Any]]
     static: Mapping[str, tuple[str, int]]  # blob oid -> (sha256, size)
+    compiled: _Compiled = field(default_factory=_Compiled)
 
 
 @dataclass(frozen=True)
@@ -194,7 +209,7 @@ def render_fleet(
     templates = sorted({s.src for s in specs if s.is_template})
     # Workers start before the variables are read: they compile the templates while
     # this process parses the vars files and hashes the static files.
-    with _workers(job, templates, min(jobs, len(chunks))) as pool:
+    with _workers(job, templates, min(jobs, len(chunks))) as workers:
         with repo.blob_reader() as reader:
             var_files = _read_var_files(config, tree, reader, prefix, warnings)
             hostvars = {name: config.vars_for(name, var_files) for name in config.hosts}
@@ -210,10 +225,13 @@ def render_fleet(
                 if not spec.is_template and entry.oid not in static:
                     # Streamed through the batch reader: a 1 GiB file is never in memory.
                     static[entry.oid] = reader.hash(entry.oid)
-        data = _Data(hostvars=hostvars, static=static)
-        if pool is None:
-            results = _render_here(job, data, selected, progress)
+        if workers is None:
+            results = _render_here(job, _Data(hostvars=hostvars, static=static), selected,
+                                   progress)
         else:
+            pool, compiling = workers
+            compiled = _Compiled.merge([f.result() for f in compiling])
+            data = _Data(hostvars=hostvars, static=static, compiled=compiled)
             results = _render_in(pool, data, chunks, progress)
             # The workers exit while the results are put together here.
             pool.shutdown(wait=False)
@@ -323,9 +341,9 @@ def _chunks(names: list[str], jobs: int) -> list[list[str]]:
 
 @contextlib.contextmanager
 def _workers(job: _Job, templates: list[str], count: int,
-             ) -> Iterator[ProcessPoolExecutor | None]:
-    """``count`` worker processes, started now, each compiling ``templates``; or None
-    to render in this process (``count`` 1)."""
+             ) -> Iterator[tuple[ProcessPoolExecutor, list[Future[_Compiled]]] | None]:
+    """``count`` worker processes, started now, and the futures of their compiling
+    ``templates`` (each a share); or None to render in this process (``count`` 1)."""
     if count <= 1:
         yield None
         return
@@ -339,11 +357,13 @@ def _workers(job: _Job, templates: list[str], count: int,
                   else "spawn")
     logger.debug("starting %d %s workers", count, method)
     with ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context(method),
-                             initializer=_init_worker, initargs=(job, templates)) as pool:
-        # The first task starts every forked worker at once (other methods start them
-        # as tasks arrive): their compiling overlaps what the caller reads next.
-        pool.submit(int)
-        yield pool
+                             initializer=_init_worker, initargs=(job,)) as pool:
+        # The first task starts every forked worker at once (other methods start one
+        # per task): their compiling overlaps what the caller reads next. Each compiles
+        # a share and hands back the bytecode, which every worker then loads: a worker
+        # compiling all 50 templates of a fleet took longer than the caller's reading.
+        compiling = [pool.submit(_compile_share, templates[i::count]) for i in range(count)]
+        yield pool, compiling
 
 
 def _render_here(job: _Job, data: _Data, names: list[str],
@@ -387,11 +407,15 @@ def fork_is_safe() -> bool:
 _WORKER: dict[str, _Renderer] = {}
 
 
-def _init_worker(job: _Job, templates: list[str]) -> None:
+def _init_worker(job: _Job) -> None:
     # The job (tree, config) is sent once per worker, not per chunk.
-    renderer = _WORKER["renderer"] = _Renderer(job)
+    _WORKER["renderer"] = _Renderer(job)
+
+
+def _compile_share(names: list[str]) -> _Compiled:
+    renderer = _WORKER["renderer"]
     try:
-        renderer.compile(templates)
+        return renderer.compile(names)
     finally:
         renderer.release()
 
@@ -408,21 +432,43 @@ def _render_chunk(names: list[str], shared: bytes) -> list[_HostResult]:
 
 class _TemplateSource:
     """Template sources through one ``git cat-file`` reader, started at the first read:
-    a worker's chunk seldom reads one (its templates compiled when it started)."""
+    a worker's chunk seldom reads one (the templates were compiled, and their sources
+    read, before its first chunk). Every source read is kept (they are small)."""
 
     def __init__(self, repo: GitRepo) -> None:
         self._repo = repo
         self._reader: BlobReader | None = None
+        self.read_so_far: dict[str, bytes] = {}
 
     def read(self, oid: str) -> bytes:
-        if self._reader is None:
-            self._reader = self._repo.blob_reader()
-        return self._reader.read(oid)
+        data = self.read_so_far.get(oid)
+        if data is None:
+            if self._reader is None:
+                self._reader = self._repo.blob_reader()
+            data = self.read_so_far[oid] = self._reader.read(oid)
+        return data
 
     def close(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
+
+
+class _SharedBytecode(jinja2.BytecodeCache):
+    """Compiled templates kept as bytes, so that what one worker compiled another
+    loads. Jinja checks each against its source's checksum (and its own and Python's
+    version) before using it, and compiles the source when they differ."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, bytes] = {}
+
+    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        data = self.store.get(bucket.key)
+        if data is not None:
+            bucket.bytecode_from_string(data)
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        self.store[bucket.key] = bucket.bytecode_to_string()
 
 
 class _CommitLoader(jinja2.BaseLoader):
@@ -457,8 +503,10 @@ class _Renderer:
         self._job = job
         self._data: _Data | None = None
         self._loader = _CommitLoader(job)
+        self._bytecode = _SharedBytecode()
         self._env = ImmutableSandboxedEnvironment(
             loader=self._loader,
+            bytecode_cache=self._bytecode,
             undefined=jinja2.StrictUndefined,
             keep_trailing_newline=True,
             autoescape=False,
@@ -494,8 +542,11 @@ class _Renderer:
         self._built: dict[int, FileEntry] = {}  # spec index -> entry, for those
 
     def use(self, data: _Data) -> None:
-        """Render hosts with ``data`` from now on."""
+        """Render hosts with ``data`` from now on (and load the templates it carries
+        compiled, rather than compile them again)."""
         self._data = data
+        self._loader.source.read_so_far.update(data.compiled.sources)
+        self._bytecode.store.update(data.compiled.bytecode)
 
     @property
     def has_data(self) -> bool:
@@ -506,8 +557,9 @@ class _Renderer:
         worker between chunks); the next template read starts another."""
         self._loader.source.close()
 
-    def compile(self, names: list[str]) -> None:
-        """Compile these templates ahead of the first host.
+    def compile(self, names: list[str]) -> _Compiled:
+        """Compile these templates ahead of the first host; what was read and compiled
+        (with any template they include or import), for other renderers to load.
 
         Errors are left for rendering to raise: there they name the host.
         """
@@ -516,6 +568,8 @@ class _Renderer:
                 self._env.get_template(name)
             except Exception as e:  # noqa: BLE001 - a template's own error, raised later
                 logger.debug("%s: not compiled ahead (%s)", name, e)
+        return _Compiled(sources=dict(self._loader.source.read_so_far),
+                         bytecode=dict(self._bytecode.store))
 
     def host(self, name: str) -> _HostResult:
         job, data = self._job, self._data

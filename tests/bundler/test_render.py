@@ -13,12 +13,17 @@ import re
 import shutil
 import subprocess
 import threading
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import jinja2
 import pytest
 from fleetrepo import FleetRepo
 
 from applier.manifest import Command
+from bundler import render as render_module
+from bundler.config import RepoConfig
 from bundler.errors import (
     MissingSourceError,
     RepoConfigError,
@@ -530,6 +535,87 @@ def test_workers_started_beside_another_thread_render_the_same(fleet: FleetRepo)
 def test_default_jobs_uses_processes_for_many_hosts(fleet: FleetRepo) -> None:
     many_hosts(fleet, 20)
     assert render(fleet) == render(fleet, jobs=1)
+
+
+def test_the_workers_compile_each_template_once_between_them(
+        fleet: FleetRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each worker compiles a share and loads the rest as the others compiled it:
+    # compiling every template in every worker took longer than the parent's reading.
+    many_hosts(fleet, 20)
+    log = tmp_path / "compiled"
+    compile_source = jinja2.Environment.compile
+
+    def logged(env: jinja2.Environment, source: str, name: str | None = None,
+               *args: Any, **kwargs: Any) -> Any:
+        if name is not None:  # a template file, not a dest or command string
+            with log.open("a") as f:  # from whichever (forked) process compiles
+                f.write(f"{os.getpid()} {name}\n")
+        return compile_source(env, source, name, *args, **kwargs)
+
+    monkeypatch.setattr(jinja2.Environment, "compile", logged)
+    assert render(fleet, jobs=2) == render(fleet, jobs=1)
+    lines = log.read_text().split("\n")[:-1]
+    here = [n for p, n in map(str.split, lines) if p == str(os.getpid())]
+    there = [n for p, n in map(str.split, lines) if p != str(os.getpid())]
+    counts = Counter(there)
+    assert set(counts) == set(here)
+    # A template only imported is compiled where a host first renders it: no file in
+    # gitops.yaml names it as its src, so no worker's share holds it.
+    imported = {"templates/_macros.j2"}
+    assert {n: c for n, c in counts.items() if n not in imported} == dict.fromkeys(
+        set(here) - imported, 1)
+    assert len({p for p, _ in map(str.split, lines)}) == 3  # both workers compiled some
+
+
+def test_bytecode_compiled_from_another_source_is_not_used(fleet: FleetRepo) -> None:
+    # What one renderer compiled reaches another as bytes; Jinja's checksum of the
+    # source decides whether it is used, never the template's name alone.
+    many_hosts(fleet, 20)
+    before = render(fleet, jobs=1)
+    old = _compiled_at(fleet, "HEAD")
+    fleet.replace("templates/nginx/app.conf.j2", "{{ server_name }}", "{{ server_name }}.x")
+    after = fleet.commit()
+    repo = GitRepo(fleet.path)
+    job = _job(repo, after)
+    renderer = render_module._Renderer(job)
+    renderer.use(render_module._Data(
+        hostvars={h: job.config.vars_for(h, _vars(repo, job)) for h in job.config.hosts},
+        static=_static(repo, job), compiled=render_module._Compiled(bytecode=old.bytecode)))
+    try:
+        result = renderer.host("web003")
+    finally:
+        renderer.release()
+    text = result.rendered[result.entry.by_path()["/etc/nginx/conf.d/app.conf"].sha256]
+    assert b"web003.example.internal.x" in text
+    assert text_of(before, "web003", "/etc/nginx/conf.d/app.conf") != text.decode()
+
+
+def _job(repo: GitRepo, rev: str) -> render_module._Job:
+    commit = repo.resolve(rev)
+    tree = repo.list_tree(commit, "")
+    with repo.blob_reader() as reader:
+        config = RepoConfig.parse(reader.read(tree["gitops.yaml"].oid), "gitops.yaml")
+    return render_module._Job(repo=repo, commit=commit, prefix="", tree=tree, config=config)
+
+
+def _vars(repo: GitRepo, job: render_module._Job) -> dict[str, dict[str, object]]:
+    with repo.blob_reader() as reader:
+        return render_module._read_var_files(job.config, job.tree, reader, "", [])
+
+
+def _static(repo: GitRepo, job: render_module._Job) -> dict[str, tuple[str, int]]:
+    with repo.blob_reader() as reader:
+        return {e.oid: reader.hash(e.oid) for path, e in job.tree.items()
+                if path.startswith("files/") and e.is_regular}
+
+
+def _compiled_at(fleet: FleetRepo, rev: str) -> render_module._Compiled:
+    job = _job(GitRepo(fleet.path), rev)
+    renderer = render_module._Renderer(job)
+    try:
+        return renderer.compile(sorted({s.src for s in job.config.files if s.is_template}))
+    finally:
+        renderer.release()
 
 
 def test_errors_cross_the_process_boundary(fleet: FleetRepo) -> None:
