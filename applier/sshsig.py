@@ -562,6 +562,32 @@ def _is_key_type(token: str) -> bool:
 
 
 def _parse_line(line: str, tz: tzinfo | None) -> AllowedSigner:
+    try:
+        return _parse_fields(line, tz)
+    except _LineError as e:
+        mistake = _known_mistake(line)
+        if mistake is None:
+            raise
+        raise _LineError(mistake) from e
+
+
+def _known_mistake(line: str) -> str | None:
+    """What a line that did not parse most likely is: a file given in the wrong place.
+
+    Only asked after the line failed, so any line ssh-keygen accepts still parses.
+    """
+    if line.startswith("-----BEGIN ") and "PRIVATE KEY" in line:
+        # Named, never quoted: the lines after this one are the secret.
+        return ("this is a private key, not a list of trusted public keys (each line "
+                "'PRINCIPALS ssh-ed25519 AAAA...'); keep private keys off the hosts")
+    first = line.split(None, 1)[0]
+    if _is_key_type(first):
+        return (f"starts with the key type {first}: a public key (.pub) line needs the "
+                f"signer's name in front ('ops@example {first} AAAA...')")
+    return None
+
+
+def _parse_fields(line: str, tz: tzinfo | None) -> AllowedSigner:
     principals_field, rest = _split_token(line)
     rest = rest.lstrip(" \t")
     if not principals_field or not rest:

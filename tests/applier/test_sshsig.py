@@ -399,6 +399,14 @@ BAD_LINES = {
     "truncated-key": ("a@x ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA==",
                       r"key blob: truncated Ed25519 key"),
     "empty-principal": ("a@x,,b@x {pub}", r"empty principal"),
+    # Files given in the wrong place: said so, and a private key's content not echoed.
+    "public-key-without-principal": ("{pub}", (r"starts with the key type ssh-ed25519: a "
+                                               r"public key \(\.pub\) line needs the "
+                                               r"signer's name in front")),
+    "private-key": ("-----BEGIN OPENSSH PRIVATE KEY-----",
+                    (r"this is a private key, not a list of trusted public keys \([^']*"
+                    r"'PRINCIPALS ssh-ed25519 AAAA\.\.\.'\); keep private keys off the "
+                    r"hosts$")),
 }
 
 
