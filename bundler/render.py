@@ -4,7 +4,7 @@ For: reading ``gitops.yaml``, ``vars/*.yaml`` and templates FROM ONE GIT COMMIT 
 the working tree, so an uncommitted edit cannot leak into a signed bundle), rendering
 each host's files with Jinja2, hashing static files by streaming them, and returning
 a ``Fleet``: one ``applier.manifest.HostEntry`` per host and a content table keyed by
-SHA-256 (rendered bytes, or a reference to a git blob that the writer streams later).
+SHA-256 (rendered bytes in a spool file, or a git blob that the writer streams later).
 
 Not for: writing the tar, signing, or the history bundle (the builder does those with
 ``Fleet.contents`` and ``GitRepo.create_bundle``); parsing rules (``config.py``).
@@ -31,12 +31,14 @@ import os
 import pickle
 import posixpath
 import shlex
+import tempfile
 import threading
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import jinja2
 from jinja2.exceptions import SecurityError
@@ -55,6 +57,7 @@ from bundler.config import (
 )
 from bundler.errors import (
     MissingSourceError,
+    OutputError,
     RepoConfigError,
     RepoError,
     TemplateRenderError,
@@ -62,6 +65,7 @@ from bundler.errors import (
 from bundler.git import DEFAULT_CHUNK, BlobReader, GitRepo, TreeEntry, normalise_subpath
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Below this many hosts a process pool costs more (start-up, pickling) than it saves.
 PARALLEL_THRESHOLD = 16
@@ -71,20 +75,50 @@ _CHUNKS_PER_JOB = 4
 # -- what the renderer hands to the writer -------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RenderedContent:
-    """Bytes a template rendered: small, held in memory."""
+class Spool:
+    """A file of rendered bytes, open for reading; its name is already gone, so it
+    vanishes with its last reader (closed when no content refers to it)."""
 
-    data: bytes
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, self._fd)
+
+    def read(self, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd, size, offset)
+        while len(data) < size:  # pread may return less; a spool is never short
+            more = os.pread(self._fd, size - len(data), offset + len(data))
+            if not more:
+                raise RepoError(f"internal: rendered bytes at {offset} missing from spool")
+            data += more
+        return data
+
+
+@dataclass(frozen=True, eq=False)
+class RenderedContent:
+    """Bytes a template rendered, kept in a spool file until the tar is written: a
+    build holds no fleet's worth of rendered files in memory, and a render worker
+    sends back where it put them, not the bytes."""
+
+    spool: Spool
+    offset: int
+    size: int
 
     @property
-    def size(self) -> int:
-        return len(self.data)
+    def data(self) -> bytes:
+        return self.spool.read(self.offset, self.size)
 
     def chunks(self, reader: BlobReader, chunk: int = DEFAULT_CHUNK) -> Iterator[bytes]:
         del reader  # same signature as BlobContent.chunks; nothing to read
-        for start in range(0, len(self.data), chunk):
-            yield self.data[start:start + chunk]
+        for start in range(0, self.size, chunk):
+            yield self.spool.read(self.offset + start, min(chunk, self.size - start))
+
+    def __eq__(self, other: object) -> bool:
+        # Equal when the bytes are: which spool holds them, and where, is incidental.
+        if not isinstance(other, RenderedContent):
+            return NotImplemented
+        return self.size == other.size and self.data == other.data
+
+    __hash__ = None  # type: ignore[assignment]  # equal by bytes read back
 
 
 @dataclass(frozen=True)
@@ -142,6 +176,7 @@ class _Job:
     prefix: str  # "infra/" or ""
     tree: Mapping[str, TreeEntry]
     config: RepoConfig
+    spool_dir: str  # where each renderer writes its own spool file
 
 
 @dataclass(frozen=True)
@@ -171,7 +206,8 @@ class _Data:
 class _HostResult:
     name: str
     entry: HostEntry
-    rendered: dict[str, bytes] = field(default_factory=dict)
+    # sha256 -> (spool file, offset, size) of the bytes rendered for this host
+    rendered: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
 
 def render_fleet(
@@ -204,12 +240,16 @@ def render_fleet(
         jobs = (os.cpu_count() or 1) if len(selected) > PARALLEL_THRESHOLD else 1
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
-    job = _Job(repo=repo, commit=commit, prefix=prefix, tree=tree, config=config)
     chunks = _chunks(selected, jobs)
     templates = sorted({s.src for s in specs if s.is_template})
+    # Every renderer writes what it renders to its own file here; the result opens
+    # them before the directory goes.
+    spool_dir = tempfile.TemporaryDirectory(prefix="gitops-bundle-render-")
+    job = _Job(repo=repo, commit=commit, prefix=prefix, tree=tree, config=config,
+               spool_dir=spool_dir.name)
     # Workers start before the variables are read: they compile the templates while
     # this process parses the vars files and hashes the static files.
-    with _workers(job, templates, min(jobs, len(chunks))) as workers:
+    with spool_dir, _workers(job, templates, min(jobs, len(chunks))) as workers:
         with repo.blob_reader() as reader:
             var_files = _read_var_files(config, tree, reader, prefix, warnings)
             hostvars = {name: config.vars_for(name, var_files) for name in config.hosts}
@@ -245,9 +285,14 @@ def _assemble(job: _Job, sub: str, static: Mapping[str, tuple[str, int]],
     contents: dict[str, Content] = {}
     for oid, (digest, size) in static.items():
         contents[digest] = BlobContent(oid=oid, size=size)
+    spools: dict[str, Spool] = {}
     for result in results:
-        for digest, rendered in result.rendered.items():
-            contents.setdefault(digest, RenderedContent(rendered))
+        for digest, (path, offset, size) in result.rendered.items():
+            if digest not in contents:
+                spool = spools.get(path)
+                if spool is None:
+                    spool = spools[path] = _open_spool(path)
+                contents[digest] = RenderedContent(spool, offset, size)
         if not result.entry.files:
             warnings.append(f"{config_path}: host {result.name!r} gets no files")
     host_entries = {r.name: r.entry for r in sorted(results, key=lambda r: r.name)}
@@ -260,6 +305,59 @@ def _assemble(job: _Job, sub: str, static: Mapping[str, tuple[str, int]],
         commit=job.commit, path=sub, config_path=config_path, hosts=host_entries,
         contents={d: contents[d] for d in sorted(used)}, warnings=tuple(warnings),
     )
+
+
+def _open_spool(path: str) -> Spool:
+    try:
+        return Spool(path)
+    except OSError as e:
+        raise OutputError(f"cannot read back rendered files: {path}: "
+                          f"{e.strerror or e}") from e
+
+
+class _SpoolWriter:
+    """One renderer's spool file: each distinct rendered content appended once.
+
+    Buffered, and written out by ``flush`` (a worker's chunk ends with one: the
+    parent reads the file after the results arrive, and a worker exits unflushed).
+    """
+
+    _BUFFER = 1 << 20
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+        self._fd: int | None = None
+        self.path = ""
+        self._end = 0  # bytes written or buffered
+        self._buffer = bytearray()
+        self._where: dict[str, tuple[str, int, int]] = {}
+
+    def add(self, digest: str, data: bytes) -> tuple[str, int, int]:
+        where = self._where.get(digest)
+        if where is None:
+            if self._fd is None:
+                self._fd, self.path = self._attempt(
+                    lambda: tempfile.mkstemp(suffix=".spool", dir=self._directory))
+                weakref.finalize(self, os.close, self._fd)
+            where = self._where[digest] = (self.path, self._end, len(data))
+            self._end += len(data)
+            self._buffer += data
+            if len(self._buffer) >= self._BUFFER:
+                self.flush()
+        return where
+
+    def flush(self) -> None:
+        fd, buffer = self._fd, self._buffer
+        while buffer and fd is not None:
+            written = self._attempt(lambda: os.write(fd, buffer))
+            del buffer[:written]
+
+    def _attempt(self, op: Callable[[], _T]) -> _T:
+        try:
+            return op()
+        except OSError as e:
+            raise OutputError(f"cannot keep rendered files in {self._directory}: "
+                              f"{e.strerror or e}") from e
 
 
 # -- reading the commit ------------------------------------------------------------------
@@ -540,6 +638,7 @@ class _Renderer:
             for fspec, kinds in zip(job.config.files, self._command_kinds, strict=True)
         ]
         self._built: dict[int, FileEntry] = {}  # spec index -> entry, for those
+        self._spool = _SpoolWriter(job.spool_dir)
 
     def use(self, data: _Data) -> None:
         """Render hosts with ``data`` from now on (and load the templates it carries
@@ -553,9 +652,13 @@ class _Renderer:
         return self._data is not None
 
     def release(self) -> None:
-        """Stop the git reader that templates were read through, if one started (a
-        worker between chunks); the next template read starts another."""
-        self._loader.source.close()
+        """Write out what was rendered, and stop the git reader that templates were
+        read through, if one started (a worker between chunks); the next template read
+        starts another."""
+        try:
+            self._spool.flush()
+        finally:
+            self._loader.source.close()
 
     def compile(self, names: list[str]) -> _Compiled:
         """Compile these templates ahead of the first host; what was read and compiled
@@ -580,7 +683,7 @@ class _Renderer:
         context.update(host=name, groups=list(spec.groups), hosts=self._all_hosts,
                        hostvars=data.hostvars)
         files: dict[str, tuple[FileSpec, FileEntry]] = {}
-        rendered: dict[str, bytes] = {}
+        rendered: dict[str, tuple[str, int, int]] = {}
         for i, fspec in enumerate(job.config.files):
             if not fspec.selects(spec):
                 continue
@@ -602,7 +705,8 @@ class _Renderer:
         return _HostResult(name=name, entry=host_entry, rendered=rendered)
 
     def _file(self, index: int, fspec: FileSpec, host: str, context: dict[str, Any],
-              rendered: dict[str, bytes], static: Mapping[str, tuple[str, int]],
+              rendered: dict[str, tuple[str, int, int]],
+              static: Mapping[str, tuple[str, int]],
               ) -> FileEntry:
         """The entry of ``job.config.files[index]`` for ``host``, shared when equal."""
         job = self._job
@@ -618,7 +722,7 @@ class _Renderer:
         if fspec.is_template:
             data = self._template_render(fspec.src, host, context).encode("utf-8")
             digest = hashlib.sha256(data).hexdigest()
-            rendered[digest] = data
+            rendered[digest] = self._spool.add(digest, data)
             size = len(data)
         else:
             digest, size = static[source.oid]

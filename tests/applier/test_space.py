@@ -1,10 +1,11 @@
 """A full filesystem while staging: the host stays as it was, the message says how much.
 
-The whole host root lives on a 1 MiB tmpfs that the test mounts (root only; skipped
-elsewhere, failed in CI where the tests run as root). Two ways to run out: a file
-larger than the free space (refused before staging the blobs), and one that fits once
-but not twice, so streaming it into the state dir succeeds and the temp copy beside
-its target would not (refused before the journal, by the transaction's own check).
+The whole host root lives on a 1 MiB tmpfs that the test mounts (``small_fs`` in
+conftest.py: root only; skipped elsewhere, failed in CI where the tests run as root).
+Two ways to run out: a file larger than the free space (refused before staging the
+blobs), and one that fits once but not twice, so streaming it into the state dir
+succeeds and the temp copy beside its target would not (refused before the journal,
+by the transaction's own check).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,30 +21,6 @@ from applier.apply import init_host
 from applier.errors import ExitCode
 
 from factory import BundleSpec, KeyPair, snapshot, write_allowed_signers
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI runs the tests as root and must cover this")
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs, unmounted afterwards whatever happens."""
-    if os.geteuid() != 0:
-        _unavailable("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs",
-                           str(mnt)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        _unavailable(f"cannot mount a tmpfs: {proc.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def free_bytes(path: Path) -> int:

@@ -9,6 +9,8 @@ parse fails the build, and that the bytes are the same whichever way it ran.
 
 from __future__ import annotations
 
+import re
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from bundler import writer
 from bundler.build import BuildOptions, build
 from bundler.signing import load_signing_key
 
+from conftest import commit_all
 from factory import KeyPair
 
 
@@ -108,3 +111,28 @@ def test_an_output_directory_that_cannot_hold_the_bundle_is_one_error(
     assert "internal" not in lines[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fleet_repo.name, "file"])
 
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_no_room_for_the_rendered_files_is_one_error(
+        fleet_repo: Path, tmp_path: Path, small_fs: Path, signing_key: KeyPair,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        jobs: str) -> None:
+    # Rendered files wait in $TMPDIR until the tar is written (a build holds no
+    # fleet's worth of them in memory); a $TMPDIR too small for them is said so, by
+    # the parent or by a render worker.
+    (fleet_repo / "templates/motd.j2").write_text("{{ host }}\n" + "x" * (2 << 20) + "\n")
+    commit_all(fleet_repo, "A motd larger than the filesystem of TMPDIR")
+    monkeypatch.setenv("TMPDIR", str(small_fs))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    out = tmp_path / "out.tar.gz"
+    code = bundler_cli.main(["build", str(fleet_repo), "--key", str(signing_key.private),
+                             "-o", str(out), "--jobs", jobs])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == ExitCode.IO
+    assert len(errors) == 1, errors
+    assert re.fullmatch(rf"gitops-bundle: error: cannot keep rendered files in "
+                        rf"{re.escape(str(small_fs))}/gitops-bundle-render-\w+: "
+                        "No space left on device", errors[0]), errors
+    assert not out.exists()
+    assert list(small_fs.iterdir()) == []  # the spool went with the error

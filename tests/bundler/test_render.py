@@ -567,16 +567,17 @@ def test_the_workers_compile_each_template_once_between_them(
     assert len({p for p, _ in map(str.split, lines)}) == 3  # both workers compiled some
 
 
-def test_bytecode_compiled_from_another_source_is_not_used(fleet: FleetRepo) -> None:
+def test_bytecode_compiled_from_another_source_is_not_used(fleet: FleetRepo,
+                                                           tmp_path: Path) -> None:
     # What one renderer compiled reaches another as bytes; Jinja's checksum of the
     # source decides whether it is used, never the template's name alone.
     many_hosts(fleet, 20)
     before = render(fleet, jobs=1)
-    old = _compiled_at(fleet, "HEAD")
+    old = _compiled_at(fleet, "HEAD", tmp_path)
     fleet.replace("templates/nginx/app.conf.j2", "{{ server_name }}", "{{ server_name }}.x")
     after = fleet.commit()
     repo = GitRepo(fleet.path)
-    job = _job(repo, after)
+    job = _job(repo, after, tmp_path)
     renderer = render_module._Renderer(job)
     renderer.use(render_module._Data(
         hostvars={h: job.config.vars_for(h, _vars(repo, job)) for h in job.config.hosts},
@@ -585,17 +586,20 @@ def test_bytecode_compiled_from_another_source_is_not_used(fleet: FleetRepo) -> 
         result = renderer.host("web003")
     finally:
         renderer.release()
-    text = result.rendered[result.entry.by_path()["/etc/nginx/conf.d/app.conf"].sha256]
+    path, offset, size = result.rendered[
+        result.entry.by_path()["/etc/nginx/conf.d/app.conf"].sha256]
+    text = render_module.Spool(path).read(offset, size)
     assert b"web003.example.internal.x" in text
     assert text_of(before, "web003", "/etc/nginx/conf.d/app.conf") != text.decode()
 
 
-def _job(repo: GitRepo, rev: str) -> render_module._Job:
+def _job(repo: GitRepo, rev: str, spool_dir: Path) -> render_module._Job:
     commit = repo.resolve(rev)
     tree = repo.list_tree(commit, "")
     with repo.blob_reader() as reader:
         config = RepoConfig.parse(reader.read(tree["gitops.yaml"].oid), "gitops.yaml")
-    return render_module._Job(repo=repo, commit=commit, prefix="", tree=tree, config=config)
+    return render_module._Job(repo=repo, commit=commit, prefix="", tree=tree, config=config,
+                              spool_dir=str(spool_dir))
 
 
 def _vars(repo: GitRepo, job: render_module._Job) -> dict[str, dict[str, object]]:
@@ -609,8 +613,8 @@ def _static(repo: GitRepo, job: render_module._Job) -> dict[str, tuple[str, int]
                 if path.startswith("files/") and e.is_regular}
 
 
-def _compiled_at(fleet: FleetRepo, rev: str) -> render_module._Compiled:
-    job = _job(GitRepo(fleet.path), rev)
+def _compiled_at(fleet: FleetRepo, rev: str, spool_dir: Path) -> render_module._Compiled:
+    job = _job(GitRepo(fleet.path), rev, spool_dir)
     renderer = render_module._Renderer(job)
     try:
         return renderer.compile(sorted({s.src for s in job.config.files if s.is_template}))
@@ -631,7 +635,8 @@ def test_a_fleet_whose_entry_has_no_matching_content_cannot_be_made(fleet: Fleet
     good = render(fleet)
     entry = good.hosts["frodo"].files[0]
     for contents in ({d: c for d, c in good.contents.items() if d != entry.sha256},
-                     {**good.contents, entry.sha256: RenderedContent(b"x" * (entry.size + 1))}):
+                     {**good.contents, entry.sha256: dataclasses.replace(
+                         good.contents[entry.sha256], size=entry.size + 1)}):
         with pytest.raises(RepoError, match=rf"^internal: frodo:{entry.path} has no "
                                             "matching content$"):
             dataclasses.replace(good, contents=contents)
