@@ -44,6 +44,7 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from applier import _fs
 from applier.errors import ManifestError
 from applier.manifest import Command, FileEntry, HostEntry, check_target_path
 from bundler.config import (
@@ -311,8 +312,8 @@ def _open_spool(path: str) -> Spool:
     try:
         return Spool(path)
     except OSError as e:
-        raise OutputError(f"cannot read back rendered files: {path}: "
-                          f"{e.strerror or e}") from e
+        raise OutputError(str(_fs.io_error(e, f"cannot read back rendered files: {path}"))
+                          ) from e
 
 
 class _SpoolWriter:
@@ -356,8 +357,8 @@ class _SpoolWriter:
         try:
             return op()
         except OSError as e:
-            raise OutputError(f"cannot keep rendered files in {self._directory}: "
-                              f"{e.strerror or e}") from e
+            raise OutputError(str(_fs.io_error(
+                e, f"cannot keep rendered files in {self._directory}"))) from e
 
 
 # -- reading the commit ------------------------------------------------------------------

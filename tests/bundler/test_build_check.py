@@ -133,6 +133,6 @@ def test_no_room_for_the_rendered_files_is_one_error(
     assert len(errors) == 1, errors
     assert re.fullmatch(rf"gitops-bundle: error: cannot keep rendered files in "
                         rf"{re.escape(str(small_fs))}/gitops-bundle-render-\w+: "
-                        "No space left on device", errors[0]), errors
+                        "no space left on device", errors[0]), errors
     assert not out.exists()
     assert list(small_fs.iterdir()) == []  # the spool went with the error
