@@ -67,6 +67,8 @@ from bundler.git import DEFAULT_CHUNK, BlobReader, GitRepo, TreeEntry, normalise
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# Where a renderer put bytes it rendered: (its spool file, offset, size).
+_Spooled = tuple[str, int, int]
 
 # Below this many hosts a process pool costs more (start-up, pickling) than it saves.
 PARALLEL_THRESHOLD = 16
@@ -207,8 +209,7 @@ class _Data:
 class _HostResult:
     name: str
     entry: HostEntry
-    # sha256 -> (spool file, offset, size) of the bytes rendered for this host
-    rendered: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    rendered: dict[str, _Spooled] = field(default_factory=dict)  # by sha256
 
 
 def render_fleet(
@@ -331,9 +332,9 @@ class _SpoolWriter:
         self.path = ""
         self._end = 0  # bytes written or buffered
         self._buffer = bytearray()
-        self._where: dict[str, tuple[str, int, int]] = {}
+        self._where: dict[str, _Spooled] = {}
 
-    def add(self, digest: str, data: bytes) -> tuple[str, int, int]:
+    def add(self, digest: str, data: bytes) -> _Spooled:
         where = self._where.get(digest)
         if where is None:
             if self._fd is None:
@@ -684,7 +685,7 @@ class _Renderer:
         context.update(host=name, groups=list(spec.groups), hosts=self._all_hosts,
                        hostvars=data.hostvars)
         files: dict[str, tuple[FileSpec, FileEntry]] = {}
-        rendered: dict[str, tuple[str, int, int]] = {}
+        rendered: dict[str, _Spooled] = {}
         for i, fspec in enumerate(job.config.files):
             if not fspec.selects(spec):
                 continue
@@ -706,7 +707,7 @@ class _Renderer:
         return _HostResult(name=name, entry=host_entry, rendered=rendered)
 
     def _file(self, index: int, fspec: FileSpec, host: str, context: dict[str, Any],
-              rendered: dict[str, tuple[str, int, int]],
+              rendered: dict[str, _Spooled],
               static: Mapping[str, tuple[str, int]],
               ) -> FileEntry:
         """The entry of ``job.config.files[index]`` for ``host``, shared when equal."""
