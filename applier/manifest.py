@@ -476,7 +476,12 @@ class Manifest:
             "blob_table": rest["blobs"]})
 
     def to_bytes(self) -> bytes:
-        """``canonical_json(self.to_dict())``, assembled from canonical pieces.
+        """``canonical_json(self.to_dict())``: the bytes that are signed and stored."""
+        return b"".join(self.canonical_chunks())
+
+    def canonical_chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        """``to_bytes()`` in pieces of about ``size`` bytes (whole hosts), for a writer
+        that hashes and stores them without holding the manifest whole.
 
         The 26 MB of a 200-host fleet is 110,000 file entries, of which 14,000 are
         distinct objects (the builder's renderer gives every host an entry fits the
@@ -491,14 +496,26 @@ class Manifest:
         every = list(itertools.chain.from_iterable(h.files for h in self.hosts.values()))
         distinct = dict(zip(map(id, every), every, strict=True))  # C-level: no loop in Python
         pieces = {i: canonical_json(f.to_dict()) for i, f in distinct.items()}
-        hosts = b"{" + b",".join(
-            canonical_json(name) + b':{"files":['
-            + b",".join(map(pieces.__getitem__, map(id, h.files))) + b"]}"
-            for name, h in sorted(self.hosts.items())) + b"}"
         top = {**self._head(), "hosts": None}
-        return b"{" + b",".join(
-            canonical_json(k) + b":" + (hosts if k == "hosts" else canonical_json(v))
-            for k, v in sorted(top.items())) + b"}"
+        out: list[bytes] = []
+        held = 0
+        for n, (key, value) in enumerate(sorted(top.items())):
+            out.append((b"{" if n == 0 else b",") + canonical_json(key) + b":")
+            if key != "hosts":
+                out.append(canonical_json(value))
+                continue
+            for m, (name, h) in enumerate(sorted(self.hosts.items())):
+                host = ((b"{" if m == 0 else b",") + canonical_json(name) + b':{"files":['
+                        + b",".join(map(pieces.__getitem__, map(id, h.files))) + b"]}")
+                out.append(host)
+                held += len(host)
+                if held >= size:
+                    yield b"".join(out)
+                    out.clear()
+                    held = 0
+            out.append(b"}" if self.hosts else b"{}")
+        out.append(b"}")
+        yield b"".join(out)
 
     @classmethod
     def from_dict(cls, d: Any, host: str | None = None) -> Manifest:

@@ -10,7 +10,7 @@ or reads a clock, so the caller decides where ``manifest.json.sig`` and the trus
 come from and which "now" applies, and tests can pin both.
 
 Not for: reading files (``verify.py`` and the CLI do), making signatures
-(``bundler/signing.py``, which builds them with ``signed_data`` and ``Signature`` from
+(``bundler/signing.py``, which builds them with ``signed_data_of_digest`` and ``Signature`` from
 here so the format has one definition), certificates (``cert-authority`` lines are
 refused), RSA or ECDSA keys (refused in the trust file; their signatures never verify).
 """
@@ -178,7 +178,18 @@ def signed_data(namespace: str, hash_algorithm: str, message: bytes) -> bytes:
     """
     if hash_algorithm not in HASH_ALGORITHMS:
         raise ValueError(f"unsupported hash algorithm {hash_algorithm!r}")
-    digest = hashlib.new(hash_algorithm, message).digest()
+    return signed_data_of_digest(namespace, hash_algorithm,
+                                 hashlib.new(hash_algorithm, message).digest())
+
+
+def signed_data_of_digest(namespace: str, hash_algorithm: str, digest: bytes) -> bytes:
+    """``signed_data`` for a message its caller hashed with ``hash_algorithm`` while
+    streaming it (a fleet's manifest is written to disk, never held whole)."""
+    if hash_algorithm not in HASH_ALGORITHMS:
+        raise ValueError(f"unsupported hash algorithm {hash_algorithm!r}")
+    if len(digest) != hashlib.new(hash_algorithm).digest_size:
+        raise ValueError(f"a {hash_algorithm} digest has "
+                         f"{hashlib.new(hash_algorithm).digest_size} bytes, not {len(digest)}")
     return (_MAGIC + wire.string(namespace) + wire.string(b"")
             + wire.string(hash_algorithm) + wire.string(digest))
 

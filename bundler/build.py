@@ -32,6 +32,7 @@ from applier.bundle import BundleFile, read_bundle
 from applier.manifest import (
     BLOB_PREFIX,
     GIT_BUNDLE_NAME,
+    MANIFEST_NAME,
     GitInfo,
     Manifest,
     Source,
@@ -43,7 +44,7 @@ from applier.verify import NAMESPACE, TrustPolicy, VerifiedManifest
 from bundler.errors import BuildError, OutputError
 from bundler.git import GitRepo
 from bundler.render import Fleet, fork_is_safe, render_fleet
-from bundler.signing import SigningKey, sign
+from bundler.signing import HASH_ALGORITHM, SigningKey, sign, sign_digest
 from bundler.writer import Member, compression_for, write_tar
 
 logger = logging.getLogger(__name__)
@@ -154,11 +155,11 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
             builder=BUILDER, hosts=fleet.hosts,
             git=GitInfo(git_sha, git_size, tips),
         )
-        manifest_bytes = manifest.to_bytes()
-        signature = sign(manifest_bytes, key)
+        written = _write_manifest(manifest, Path(tmp) / MANIFEST_NAME, out)
+        signature = sign_digest(written.sha512, key)
         compression = compression_for(out, opts.compression)
         # Forked before the blob reader starts, so the child holds none of its pipes.
-        with _ParseBeside(manifest_bytes, next(iter(manifest.hosts))) as view, \
+        with _ParseBeside(written, next(iter(manifest.hosts))) as view, \
                 repo.blob_reader() as reader, \
                 _progress_bar(manifest.payload_size, "writing") as bar:
             def blob_chunks(digest: str) -> Callable[[], Iterator[bytes]]:
@@ -171,7 +172,7 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
             members = [Member(BLOB_PREFIX + d, size, blob_chunks(d))
                        for d, size in manifest.blobs.items()]
             members.append(Member(GIT_BUNDLE_NAME, git_size, git_chunks))
-            size = write_tar(out, manifest_bytes, signature, members, mtime=info.time,
+            size = write_tar(out, written.member(), signature, members, mtime=info.time,
                              compression=compression, progress=bar.update,
                              check=lambda p: _self_check(p, key, info.time, view))
     return BuildResult(out, manifest, size, dirty, fleet.warnings)
@@ -186,6 +187,47 @@ def _render(repo: GitRepo, commit: str, opts: BuildOptions) -> Fleet:
         return render_fleet(repo, commit, opts.subpath,
                             hosts=list(opts.hosts) if opts.hosts else None, jobs=opts.jobs,
                             progress=bar.update)
+
+
+@dataclass(frozen=True)
+class _ManifestFile:
+    """The manifest's canonical bytes, written to ``path`` and hashed on the way."""
+
+    path: Path
+    size: int
+    sha256: str  # hex: the bundle's identity, as hosts compute it
+    sha512: bytes  # what the SSHSIG signs (``signing.HASH_ALGORITHM``)
+
+    def member(self) -> Member:
+        def chunks() -> Iterator[bytes]:
+            with self.path.open("rb") as f:
+                yield from _fs.iter_chunks(f, self.size)
+        return Member(MANIFEST_NAME, self.size, chunks)
+
+    def read(self) -> bytes:
+        """The bytes, if they are still the ones written (the parse's input)."""
+        data = self.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise OutputError(f"{self.path}: changed on disk while the bundle was built")
+        return data
+
+
+def _write_manifest(manifest: Manifest, path: Path, out: Path) -> _ManifestFile:
+    """Write the canonical bytes to ``path`` a chunk at a time, hashing them as they go:
+    a 200-host fleet's 26 MB manifest (and the copies joining it whole would make) never
+    sits in memory."""
+    sha256, sha512 = hashlib.sha256(), hashlib.new(HASH_ALGORITHM)
+    size = 0
+    try:
+        with path.open("xb") as f:
+            for chunk in manifest.canonical_chunks():
+                f.write(chunk)
+                sha256.update(chunk)
+                sha512.update(chunk)
+                size += len(chunk)
+    except OSError as e:
+        raise OutputError(str(_fs.io_error(e, f"cannot write {out}"))) from e
+    return _ManifestFile(path, size, sha256.hexdigest(), sha512.digest())
 
 
 def _self_check(path: Path, key: SigningKey, now: int, view: _ParseBeside) -> None:
@@ -206,34 +248,36 @@ def _self_check(path: Path, key: SigningKey, now: int, view: _ParseBeside) -> No
 
 
 # The parse a _ParseBeside child runs: set before the fork, so never pickled.
-_BESIDE: dict[str, tuple[bytes, str]] = {}
+_BESIDE: dict[str, tuple[_ManifestFile, str]] = {}
 
 
 def _parse_job() -> Manifest:
-    data, host = _BESIDE["job"]
-    return Manifest.from_bytes(data, host)
+    written, host = _BESIDE["job"]
+    return Manifest.from_bytes(written.read(), host)
 
 
 class _ParseBeside:
-    """Parse one host's view of the manifest bytes in a forked process, beside the writing.
+    """Parse one host's view of the written manifest in a forked process, beside the
+    writing.
 
     The parse (JSON, canonical-form check, blob table: 1-2 s for a 200-host fleet) and
     the compression of the payload each keep a core busy and need nothing of each
     other. Where fork is unavailable or another thread runs (a lock could be held
     across the fork), ``result`` parses here instead. What comes back is the view
-    ``Manifest.from_bytes`` built in the child, checked there by the same code.
+    ``Manifest.from_bytes`` built in the child, checked there by the same code, of the
+    bytes whose digest the writing computed (read back and compared first).
     """
 
-    def __init__(self, data: bytes, host: str) -> None:
-        self.data = data
+    def __init__(self, written: _ManifestFile, host: str) -> None:
+        self.written = written
         self.host = host
-        self.digest = hashlib.sha256(data).hexdigest()
+        self.digest = written.sha256
         self._pool: ProcessPoolExecutor | None = None
         self._future: Future[Manifest] | None = None
 
     def __enter__(self) -> Self:
         if fork_is_safe():
-            _BESIDE["job"] = (self.data, self.host)
+            _BESIDE["job"] = (self.written, self.host)
             try:
                 self._pool = ProcessPoolExecutor(
                     max_workers=1, mp_context=multiprocessing.get_context("fork"))
@@ -244,7 +288,7 @@ class _ParseBeside:
 
     def result(self) -> Manifest:
         if self._future is None:
-            return Manifest.from_bytes(self.data, self.host)
+            return Manifest.from_bytes(self.written.read(), self.host)
         try:
             return self._future.result()
         except BrokenProcessPool as e:

@@ -14,6 +14,7 @@ verifying signatures (``applier.sshsig``).
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -29,7 +30,13 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
 )
 
-from applier.sshsig import NAMESPACE, PublicKey, Signature, ed25519_signature_blob, signed_data
+from applier.sshsig import (
+    NAMESPACE,
+    PublicKey,
+    Signature,
+    ed25519_signature_blob,
+    signed_data_of_digest,
+)
 from bundler.errors import KeyFileError
 
 PASSPHRASE_ENV = "GITOPS_KEY_PASSPHRASE"  # noqa: S105 - the variable's name, no secret
@@ -136,9 +143,14 @@ def load_signing_key(path: Path, passphrase: bytes | None) -> SigningKey:
 
 def sign(message: bytes, key: SigningKey, namespace: str = NAMESPACE) -> bytes:
     """The armored SSHSIG over ``message``, byte for byte what ssh-keygen would write."""
+    return sign_digest(hashlib.new(HASH_ALGORITHM, message).digest(), key, namespace)
+
+
+def sign_digest(digest: bytes, key: SigningKey, namespace: str = NAMESPACE) -> bytes:
+    """``sign`` for a message the caller hashed with ``HASH_ALGORITHM`` as it wrote it."""
     if not namespace:
         raise ValueError("the signature namespace must not be empty")
-    raw = key.private_key.sign(signed_data(namespace, HASH_ALGORITHM, message))
+    raw = key.private_key.sign(signed_data_of_digest(namespace, HASH_ALGORITHM, digest))
     signature = Signature(key.public_key, namespace, HASH_ALGORITHM,
                           ed25519_signature_blob(raw))
     return signature.armor()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
 import os
 import secrets
 from collections import deque
@@ -131,29 +132,35 @@ def _check_size(member: Member, written: int) -> None:
         raise BuildError(f"{member.name}: wrote {written} bytes, expected {member.size}")
 
 
-def write_tar(out: Path, manifest_bytes: bytes, signature_bytes: bytes,
+def _in_memory(name: str, data: bytes) -> Member:
+    return Member(name, len(data), lambda: (data,))
+
+
+def write_tar(out: Path, manifest: bytes | Member, signature_bytes: bytes,
               members: Iterable[Member], mtime: int, compression: str,
               progress: Callable[[int], None] | None = None,
               check: Callable[[Path], None] | None = None) -> int:
-    """Write the bundle to ``out`` atomically; ``check`` may veto the finished temp file."""
+    """Write the bundle to ``out`` atomically; ``check`` may veto the finished temp file.
+
+    ``manifest`` is its bytes or, for a manifest too large to hold (a build's), a
+    ``Member`` streaming them from a file; ``progress`` counts the payload's bytes.
+    """
+    head = [manifest if isinstance(manifest, Member) else _in_memory(MANIFEST_NAME, manifest),
+            _in_memory(SIGNATURE_NAME, signature_bytes)]
+    if head[0].name != MANIFEST_NAME:
+        raise ValueError(f"the first member must be {MANIFEST_NAME}, not {head[0].name}")
     tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
     try:
         with open(tmp, "xb") as raw:
             with _compressed(raw, compression) as f:
                 written = 0
-                for name, data in ((MANIFEST_NAME, manifest_bytes),
-                                   (SIGNATURE_NAME, signature_bytes)):
-                    f.write(_tar.header_bytes(name, len(data), mtime))
-                    f.write(data)
-                    f.write(_tar.padding(len(data)))
-                    written += _tar.BLOCK + len(data) + len(_tar.padding(len(data)))
-                for m in members:
+                for i, m in enumerate(itertools.chain(head, members)):
                     f.write(_tar.header_bytes(m.name, m.size, mtime))
                     n = 0
                     for chunk in m.chunks():
                         f.write(chunk)
                         n += len(chunk)
-                        if progress is not None:
+                        if progress is not None and i >= len(head):
                             progress(len(chunk))
                     _check_size(m, n)
                     f.write(_tar.padding(m.size))

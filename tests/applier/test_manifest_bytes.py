@@ -44,3 +44,15 @@ def test_to_bytes_is_the_one_call_canonical_serialisation() -> None:
     assert Manifest.from_bytes(data) == m
     plain = BundleSpec({"frodo": {"/etc/motd": b"hi\n"}}).manifest()
     assert plain.to_bytes() == canonical_json(plain.to_dict())
+
+
+def test_the_chunks_a_builder_writes_join_to_those_bytes() -> None:
+    # A build writes the manifest to disk chunk by chunk (never the 26 MB of a fleet
+    # whole in memory); whatever the chunk size, the file holds the signed bytes.
+    m = _rich_manifest()
+    canonical = canonical_json(m.to_dict())
+    for size in (1, 100, 1 << 20):
+        assert b"".join(m.canonical_chunks(size)) == canonical
+    # Whole hosts: one chunk each when every host fills one, one in all when none does.
+    assert len(list(m.canonical_chunks(1))) == len(m.hosts) + 1
+    assert len(list(m.canonical_chunks(1 << 20))) == 1

@@ -9,6 +9,7 @@ parse fails the build, and that the bytes are the same whichever way it ran.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import threading
@@ -17,12 +18,14 @@ from typing import Any
 
 import pytest
 
+from applier.bundle import BundleFile
 from applier.errors import ApplierError, ExitCode, ManifestError
 from applier.manifest import Manifest
 from bundler import build as build_module
 from bundler import cli as bundler_cli
 from bundler import writer
 from bundler.build import BuildOptions, build
+from bundler.errors import BuildError
 from bundler.signing import load_signing_key
 
 from conftest import commit_all
@@ -136,3 +139,63 @@ def test_no_room_for_the_rendered_files_is_one_error(
                         "no space left on device", errors[0]), errors
     assert not out.exists()
     assert list(small_fs.iterdir()) == []  # the spool went with the error
+
+
+def test_a_manifest_changed_on_disk_before_its_check_fails_the_build(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The manifest is written to a scratch file (a fleet's is too large to hold) and
+    # hashed on the way; its check parses that file only if it still has that digest.
+    real_write = build_module._write_manifest
+
+    def write_then_change(*args: Any) -> Any:
+        written = real_write(*args)
+        data = bytearray(written.path.read_bytes())
+        data[data.index(b'"subject":"') + 11] ^= 0x01  # still valid, canonical JSON
+        written.path.write_bytes(bytes(data))
+        return written
+
+    monkeypatch.setattr(build_module, "_write_manifest", write_then_change)
+    out = tmp_path / "b.tar"
+    with pytest.raises(BuildError, match=r"manifest\.json: changed on disk while the bundle "
+                                         "was built") as caught:
+        run_build(fleet_repo, signing_key, out)
+    assert caught.value.exit_code == ExitCode.IO
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fleet_repo.name]
+
+
+def test_a_full_output_disk_while_the_manifest_is_written_is_one_error(
+        fleet_repo: Path, tmp_path: Path, small_fs: Path, signing_key: KeyPair,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The manifest goes to a scratch file beside the output; room for the history
+    # bundle that git writes there first, none for the manifest after it.
+    sized = run_build(fleet_repo, signing_key, tmp_path / "sized.tar")
+    manifest = Manifest.from_bytes(_signed_part(sized)[0])
+    free = -(-manifest.git.size // _PAGE) * _PAGE
+    filler = small_fs / "filler"
+    _fill(filler, small_fs, free)
+    out = small_fs / "b.tar.gz"
+    code = bundler_cli.main(["build", str(fleet_repo), "--key", str(signing_key.private),
+                             "-o", str(out)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == ExitCode.IO
+    assert errors == [f"gitops-bundle: error: cannot write {out}: no space left on device"]
+    assert list(small_fs.iterdir()) == [filler]  # the scratch directory went too
+
+
+_PAGE = 4096
+
+
+def _signed_part(path: Path) -> tuple[bytes, bytes]:
+    with BundleFile(path) as bundle:
+        return bundle.signed_part()
+
+
+def _fill(filler: Path, fs: Path, leave: int) -> None:
+    """Write ``filler`` until ``fs`` has exactly ``leave`` bytes free (whole pages)."""
+    with filler.open("wb") as f:
+        while (st := os.statvfs(fs)).f_bavail * st.f_frsize > leave:
+            f.write(bytes(_PAGE))
+            f.flush()
+    st = os.statvfs(fs)
+    assert st.f_bavail * st.f_frsize == leave

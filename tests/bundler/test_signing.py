@@ -6,6 +6,7 @@ Keys come from real ``ssh-keygen -t ed25519`` and every signature we make is che
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from applier.errors import ExitCode
 from applier.sshsig import AllowedSigners, parse_signatures, verify_manifest_signatures
 from bundler.errors import BuildError, KeyFileError
-from bundler.signing import SigningKey, load_signing_key, passphrase_for, sign
+from bundler.signing import SigningKey, load_signing_key, passphrase_for, sign, sign_digest
 
 MESSAGE = b'{"bundle_id":"7-0123456789ab","format":1}'
 NOW = 1_780_000_000
@@ -79,6 +80,15 @@ def test_signature_is_byte_identical_to_ssh_keygen(key_path: Path) -> None:
     assert all(len(line) == 70 for line in lines[1:-2])
     assert len(lines[-2]) <= 70
     assert ours.endswith(b"-----END SSH SIGNATURE-----\n")
+
+
+def test_a_digest_signs_as_its_message_does(key_path: Path) -> None:
+    # A build hashes the manifest as it writes it and signs that digest: the same
+    # signature as ssh-keygen's over the bytes; a digest of another algorithm is refused.
+    key = load_signing_key(key_path, None)
+    assert sign_digest(hashlib.sha512(MESSAGE).digest(), key) == ssh_sign(key_path, MESSAGE)
+    with pytest.raises(ValueError, match="a sha512 digest has 64 bytes, not 32"):
+        sign_digest(hashlib.sha256(MESSAGE).digest(), key)
 
 
 def test_signature_verifies_with_the_applier(key_path: Path) -> None:
