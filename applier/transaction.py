@@ -198,13 +198,17 @@ class Transaction:
     def _check_space(self) -> None:
         """Refuse before the journal when a target filesystem cannot hold the temps."""
         need: dict[int, tuple[str, int]] = {}
+        devices: dict[Path, tuple[int, Path]] = {}  # a target's directory: its device
         for change in self.plan.changes:
             if change.new is None:
                 continue
-            d = self.layout.on_disk(change.real).parent
-            while not d.exists() and d != d.parent:
-                d = d.parent
-            dev = os.stat(d).st_dev
+            parent = self.layout.on_disk(change.real).parent
+            if parent not in devices:
+                d = parent
+                while not d.exists() and d != d.parent:
+                    d = d.parent
+                devices[parent] = (os.stat(d).st_dev, d)
+            dev, d = devices[parent]
             where, total = need.get(dev, (str(d), 0))
             # A block per file on top of the bytes: small files still take one.
             need[dev] = (where, total + change.new.size + 4096)
