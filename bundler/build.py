@@ -1,11 +1,12 @@
 """``gitops-bundle build``, ``sign``, ``verify`` and ``inspect``: the workstation's operations.
 
 Build = resolve the commit -> load the key (fail fast) -> render every host from the
-commit's objects (render.py) -> git history bundle (git.py) -> manifest -> sign the
-canonical bytes -> stream the tar (writer.py) -> read it back with the applier's own
-reader and verify it against the signing key -> rename into place. Reproducible:
-every input comes from the commit (time, sequence, content); the only outside
-input is ``--expires``, which counts from ``SOURCE_DATE_EPOCH`` when that is set.
+commit's objects (render.py) -> git history bundle (git.py) -> manifest -> write its
+canonical bytes to a scratch file, hashing them -> sign that digest -> stream the tar
+(writer.py) -> read it back with the applier's own reader and verify it against the
+signing key -> rename into place. Reproducible: every input comes from the commit
+(time, sequence, content); the only outside input is ``--expires``, which counts from
+``SOURCE_DATE_EPOCH`` when that is set.
 Not for: the tar encoding (writer.py) or rendering (render.py).
 """
 
