@@ -684,7 +684,7 @@ class _ViewReader:
         # A recurring entry text names the same digest and size as its first copy.
         _add_blobs(self.sizes, name, first_seen)
         self._previous = spans
-        self._previous_at = {span: n for n, span in enumerate(spans)}
+        self._previous_at = dict(zip(spans, range(len(spans)), strict=True))
         self.names.append(name)
         if name == self.host:
             self.own = files
@@ -707,9 +707,12 @@ class _ViewReader:
         while True:
             expected = previous[k] if k < len(previous) else None
             if expected is not None and not own and text.startswith(expected, i):
-                span = expected  # checked, and no new blob
-                end = i + len(span)
-                k += 1
+                # Checked, and no new blob; so may be the entries after it, often the
+                # rest of the list (a fleet's shared files): compared as one text.
+                run, block = _run(text, i, previous, k)
+                spans.extend(previous[k:k + run])
+                end = i + len(block)
+                k += run
             else:
                 entry, end = _DECODER.raw_decode(text, i)
                 span = text[i:end]
@@ -722,13 +725,42 @@ class _ViewReader:
                     files.append(entry)
                 j = previous_at.get(span)
                 k = k + 1 if j is None else j + 1
-            spans.append(span)
+                spans.append(span)
             separator = text[end:end + 1]
             i = end + 1
             if separator == "]":
                 return i, spans, first_seen, files
             if separator != ",":
                 raise _NotCanonicalError
+
+
+def _run(text: str, i: int, previous: list[str], k: int) -> tuple[int, str]:
+    """How many of ``previous[k:]`` (at least the first, known to match) ``text`` holds
+    at ``i`` in a row, and their text.
+
+    Entries joined by commas are list elements in a row; each is a JSON object that
+    ends at its own closing brace, so text that starts with the joined entries holds
+    exactly those. The run is found by doubling, then halving: a few comparisons in C
+    where comparing entry by entry took a Python step for each.
+    """
+    good, good_text = 1, previous[k]
+    most = len(previous) - k
+    bad: int | None = None  # the shortest run known not to match
+    while True:
+        if bad is None:
+            if good == most:
+                break
+            size = min(2 * good, most)
+        elif bad - good > 1:
+            size = (good + bad) // 2
+        else:
+            break
+        candidate = ",".join(previous[k:k + size])
+        if text.startswith(candidate, i):
+            good, good_text = size, candidate
+        else:
+            bad = size
+    return good, good_text
 
 
 def _scan_canonical(text: str, i: int) -> tuple[Any, int]:

@@ -232,3 +232,52 @@ def test_a_view_keeps_every_field_of_its_own_entries() -> None:
     assert view.hosts["node-001"].by_path()["/etc/x"] == own
     assert view.trust == m.trust
     assert view.expires == m.expires
+
+
+# Hosts whose file lists repeat runs of the host before them: a whole list, its start,
+# its end, pieces with other entries between them, none. A host's view compares such
+# runs as one text (``_run``), so it must still agree with the whole-document parse
+# on every host, and on any edit inside a run.
+_POOL = [f"/etc/pool/{i:02d}.conf" for i in range(12)]
+
+
+@st.composite
+def _runs(draw: st.DrawFn) -> bytes:
+    hosts: dict[str, dict[str, bytes]] = {}
+    for h in range(draw(st.integers(2, 5), label="hosts")):
+        paths = draw(st.lists(st.sampled_from(_POOL), unique=True, max_size=len(_POOL)),
+                     label=f"paths of node-{h:03d}")
+        own = draw(st.sets(st.sampled_from(_POOL), max_size=3), label=f"own of node-{h:03d}")
+        hosts[f"node-{h:03d}"] = {
+            p: (f"{p} on node {h}" if p in own else f"{p}, shared").encode() for p in paths}
+    if not any(hosts.values()):
+        hosts["node-000"] = {_POOL[0]: b"one file\n"}
+    return BundleSpec(hosts).manifest().to_bytes()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_runs_of_the_previous_hosts_entries_give_the_same_view(data: st.DataObject) -> None:
+    base = data.draw(_runs(), label="manifest")
+    names = list(json.loads(base)["hosts"])
+    for host in names:
+        assert _same_outcome(base, host)[0] == "ok"
+    start = base.index(b'"hosts":{')
+    end = base.index(b',"sequence":')
+    at = data.draw(st.integers(start, end - 1), label="at")
+    byte = data.draw(st.sampled_from(list(b' ,{}[]"0a')), label="byte")
+    edited = base[:at] + bytes([byte]) + base[at + 1:]
+    for host in names:
+        _same_outcome(edited, host)
+
+
+def test_a_space_after_a_comma_inside_a_long_shared_run_is_refused() -> None:
+    # 40 shared entries, then the third host's run broken at its 25th separator.
+    shared = {f"/etc/shared/{i:02d}.conf": b"same\n" for i in range(40)}
+    data = BundleSpec({f"node-{h:03d}": dict(shared) for h in range(3)}).manifest().to_bytes()
+    at = data.rindex(b'"node-002"')
+    for _ in range(25):
+        at = data.index(b'},{"', at) + 2
+    edited = data[:at - 1] + b", " + data[at:]
+    for host in ("node-000", "node-001", "node-002"):
+        assert _same_outcome(edited, host)[0] == "error"
