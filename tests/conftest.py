@@ -12,6 +12,7 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -29,13 +30,19 @@ GIT_ENV = {
 }
 
 
+def _unavailable(reason: str) -> NoReturn:
+    """Skip the test for ``reason``; in CI fail instead (it installs what the tests
+    need and runs them as root, so every test must run there)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI installs the tools and runs as root, so must cover this")
+    pytest.skip(reason)
+
+
 def require_tool(name: str) -> str:
     """The tool's path; skip the test if it is missing (fail instead in CI)."""
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required in CI but not installed")
-        pytest.skip(f"{name} not installed")
+        _unavailable(f"{name} not installed")
     return path
 
 
@@ -51,10 +58,10 @@ def commit_all(repo: Path, message: str, date: str = "2026-11-01T12:00:00Z") -> 
     return git(repo, "rev-parse", "HEAD")
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI runs the tests as root and must cover this")
-    pytest.skip(reason)
+def free_bytes(path: Path) -> int:
+    """What an unprivileged writer may still put on ``path``'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 @pytest.fixture

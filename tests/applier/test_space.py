@@ -20,12 +20,8 @@ import pytest
 from applier.apply import init_host
 from applier.errors import ExitCode
 
+from conftest import free_bytes
 from factory import BundleSpec, KeyPair, snapshot, write_allowed_signers
-
-
-def free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ parse fails the build, and that the bytes are the same whichever way it ran.
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import threading
@@ -28,7 +27,7 @@ from bundler.build import BuildOptions, build
 from bundler.errors import BuildError
 from bundler.signing import load_signing_key
 
-from conftest import commit_all
+from conftest import commit_all, free_bytes
 from factory import KeyPair
 
 
@@ -194,8 +193,7 @@ def _signed_part(path: Path) -> tuple[bytes, bytes]:
 def _fill(filler: Path, fs: Path, leave: int) -> None:
     """Write ``filler`` until ``fs`` has exactly ``leave`` bytes free (whole pages)."""
     with filler.open("wb") as f:
-        while (st := os.statvfs(fs)).f_bavail * st.f_frsize > leave:
+        while free_bytes(fs) > leave:
             f.write(bytes(_PAGE))
             f.flush()
-    st = os.statvfs(fs)
-    assert st.f_bavail * st.f_frsize == leave
+    assert free_bytes(fs) == leave
