@@ -597,7 +597,8 @@ def _job(repo: GitRepo, rev: str, spool_dir: Path) -> render_module._Job:
     commit = repo.resolve(rev)
     tree = repo.list_tree(commit, "")
     with repo.blob_reader() as reader:
-        config = RepoConfig.parse(reader.read(tree["gitops.yaml"].oid), "gitops.yaml")
+        config = RepoConfig.parse(
+            render_module._read_config(tree, reader, "gitops.yaml", commit), "gitops.yaml")
     return render_module._Job(repo=repo, commit=commit, prefix="", tree=tree, config=config,
                               spool_dir=str(spool_dir))
 
