@@ -187,9 +187,9 @@ def signed_data_of_digest(namespace: str, hash_algorithm: str, digest: bytes) ->
     streaming it (a fleet's manifest is written to disk, never held whole)."""
     if hash_algorithm not in HASH_ALGORITHMS:
         raise ValueError(f"unsupported hash algorithm {hash_algorithm!r}")
-    if len(digest) != hashlib.new(hash_algorithm).digest_size:
-        raise ValueError(f"a {hash_algorithm} digest has "
-                         f"{hashlib.new(hash_algorithm).digest_size} bytes, not {len(digest)}")
+    size = hashlib.new(hash_algorithm).digest_size
+    if len(digest) != size:
+        raise ValueError(f"a {hash_algorithm} digest has {size} bytes, not {len(digest)}")
     return (_MAGIC + wire.string(namespace) + wire.string(b"")
             + wire.string(hash_algorithm) + wire.string(digest))
 
