@@ -634,6 +634,30 @@ class Manifest:
 _HOST_OPEN = '{"files":['
 
 
+def _entry_pattern() -> re.Pattern[str]:
+    """The canonical text of a file entry, in the common shape; digest and size captured.
+
+    Everything it matches is exactly ``canonical_json`` of what it parses to: keys in
+    sorted order, once each; strings with no backslash and no control character (which
+    the encoder writes as they are); integers with no sign and no leading zero, short
+    enough to be exact. It matches less than the canonical form (an escape in a string,
+    an entry of another shape): such text takes the parse and re-serialisation, which
+    decides. The types and ranges of the values are not checked here: an entry of
+    another host gives only its digest and size (``_add_blobs``).
+    """
+    string = r'"[^"\\\x00-\x1f]*"'
+    number = r"(?:0|[1-9][0-9]{0,15})"
+    command = rf'\{{"delay":{number},"retries":{number},"run":{string},"timeout":{number}\}}'
+    commands = rf"\[(?:{command}(?:,{command})*)?\]"
+    return re.compile(
+        rf'\{{"check":{commands},"drift":{string},"group":{string},"health":{commands},'
+        rf'"mode":{string},"on_change":{commands},"owner":{string},"path":{string},'
+        rf'"sha256":"([0-9a-f]{{64}})","size":(0|[1-9][0-9]{{0,15}}),"validate":{commands}\}}')
+
+
+_ENTRY = _entry_pattern()
+
+
 class _NotCanonicalError(Exception):
     """A host's view cannot be read piecewise: the whole-document path decides."""
 
@@ -714,15 +738,25 @@ class _ViewReader:
                 end = i + len(block)
                 k += run
             else:
-                entry, end = _DECODER.raw_decode(text, i)
-                span = text[i:end]
-                if span not in checked:
-                    if _CANONICAL.encode(entry) != span:
-                        raise _NotCanonicalError
-                    checked.add(span)
-                    first_seen.append(entry)
-                if own:
-                    files.append(entry)
+                match = None if own else _ENTRY.match(text, i)
+                if match is not None:
+                    # Canonical by its shape (see _entry_pattern), and only its digest
+                    # and size are taken: no parse, no re-serialisation.
+                    end = match.end()
+                    span = text[i:end]
+                    if span not in checked:
+                        checked.add(span)
+                        first_seen.append({"sha256": match[1], "size": int(match[2])})
+                else:
+                    entry, end = _DECODER.raw_decode(text, i)
+                    span = text[i:end]
+                    if span not in checked:
+                        if _CANONICAL.encode(entry) != span:
+                            raise _NotCanonicalError
+                        checked.add(span)
+                        first_seen.append(entry)
+                    if own:
+                        files.append(entry)
                 j = previous_at.get(span)
                 k = k + 1 if j is None else j + 1
                 spans.append(span)

@@ -20,7 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from applier.errors import ManifestError
-from applier.manifest import Command, FileEntry, HostEntry, Manifest, TrustUpdate, canonical_json
+from applier.manifest import (
+    _ENTRY,
+    Command,
+    FileEntry,
+    HostEntry,
+    Manifest,
+    TrustUpdate,
+    canonical_json,
+)
 
 from factory import BundleSpec, FileSpec
 
@@ -281,3 +289,63 @@ def test_a_space_after_a_comma_inside_a_long_shared_run_is_refused() -> None:
     edited = data[:at - 1] + b", " + data[at:]
     for host in ("node-000", "node-001", "node-002"):
         assert _same_outcome(edited, host)[0] == "error"
+
+
+# Another host's entry is taken by its shape when it has the common one
+# (``manifest._ENTRY``): no parse, no re-serialisation. The shape must follow the
+# model, and must never match text that is not the canonical form.
+_plain = st.text(st.characters(blacklist_characters='"\\', blacklist_categories=("Cs", "Cc")),
+                 max_size=12)
+_command = st.builds(Command, run=_plain.filter(lambda s: s.strip() != ""),
+                     timeout=st.integers(1, 86_400), retries=st.integers(0, 100),
+                     delay=st.integers(0, 3600))
+_commands = st.lists(_command, max_size=2).map(tuple)
+_entry = st.builds(
+    FileEntry, path=st.sampled_from(["/etc/a", "/opt/ü/b c", "/etc/x'y"]),
+    sha256=st.text("0123456789abcdef", min_size=64, max_size=64),
+    size=st.integers(0, 1 << 40), mode=st.integers(0, 0o7777),
+    owner=st.sampled_from(["root", "0", "www-data", "svc$"]), group=st.just("adm"),
+    validate=_commands, check=_commands, on_change=_commands, health=_commands,
+    drift=st.sampled_from(["revert", "report", "ignore"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_entry)
+def test_the_entry_shape_matches_every_plain_entry_with_its_digest_and_size(
+        entry: FileEntry) -> None:
+    text = canonical_json(entry.to_dict()).decode()
+    match = _ENTRY.fullmatch(text)
+    assert match is not None, text
+    assert (match[1], int(match[2])) == (entry.sha256, entry.size)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_entry, st.data())
+def test_the_entry_shape_never_matches_a_text_that_is_not_canonical(
+        entry: FileEntry, data: st.DataObject) -> None:
+    text = canonical_json(entry.to_dict()).decode()
+    at = data.draw(st.integers(0, len(text)), label="at")
+    cut = data.draw(st.integers(0, 2), label="cut")
+    piece = data.draw(st.sampled_from(
+        [" ", ",", ":", "{", "}", "[", "]", '"', "\\", "\\n", "\\u0041", "\n", "\x01", "0",
+         "-", "1.5", "1e3", "true", "null", '"a"', '"a":1', "ü", "\x7f"]), label="piece")
+    # (A text decoded from UTF-8 never holds a lone surrogate.)
+    edited = text[:at] + piece + text[at + cut:]
+    match = _ENTRY.fullmatch(edited)
+    if match is None:
+        return
+    parsed = json.loads(edited)
+    assert canonical_json(parsed).decode() == edited
+    assert (match[1], int(match[2])) == (parsed["sha256"], parsed["size"])
+
+
+def test_an_escape_in_another_hosts_entry_takes_the_full_parse() -> None:
+    # "\u00fc" is valid JSON for "ü" but not the canonical form: the shape does not
+    # match it, and the parse and re-serialisation refuse it on any host's view.
+    data = _fleet().to_bytes()
+    start = data.index(b'"node-000":')
+    end = data.index(b'"node-001":')
+    edited = data[:start] + data[start:end].replace("ü".encode(), b"\\u00fc", 1) + data[end:]
+    assert edited != data
+    for host in ("node-001", "node-002"):
+        assert _same_outcome(edited, host) == ("error", "manifest.json is not in canonical form")
