@@ -6,7 +6,8 @@ after the Python on many hosts was released. So the reader here parses POSIX ust
 headers itself and accepts only what the builder writes: regular files, short ASCII
 names, no PAX/GNU headers, no links or devices, no setuid/setgid/sticky bits, and
 nothing but zero padding after the end-of-archive marker. Everything is streamed: a
-member's data is yielded in chunks and never held whole.
+large member's data is yielded in chunks and never held whole; a small one may be read
+in one piece with its padding (``whole``).
 
 Not for: deciding which names are allowed (``bundle.py`` checks them against the
 signed manifest) or decompression (``bundle.py``).
@@ -42,6 +43,7 @@ class Header:
     offset: int  # byte offset of the header in the decompressed stream, for messages
 
 
+_ZERO_BLOCK = bytes(BLOCK)
 _OCTAL = re.compile(rb"[0-7]+")
 _UNSAFE_NAME = re.compile(rb"[^\x21-\x7e]")
 
@@ -102,8 +104,8 @@ class TarReader:
             raise FormatError("internal: previous member not fully read")
         offset = self._pos
         block = self._read(BLOCK)
-        if block == bytes(BLOCK):
-            if self._read(BLOCK) != bytes(BLOCK):
+        if block == _ZERO_BLOCK:
+            if self._read(BLOCK) != _ZERO_BLOCK:
                 raise FormatError(f"tar end marker at byte {offset} is not two zero blocks")
             return None
         return self._parse(block, offset)
@@ -192,6 +194,19 @@ class TarReader:
         if pad and self._read(pad).count(0) != pad:
             raise FormatError(f"non-zero padding after member {header.name!r}")
         self._pending = 0
+
+    def whole(self, header: Header) -> bytes:
+        """The member's bytes in one read with its padding, which is checked (a small
+        member: a bundle's payload is mostly files of a few KiB, and reading data and
+        padding apart cost a Python step each)."""
+        size = header.size
+        pad = -size % BLOCK
+        self._pending = size + pad
+        block = self._read(size + pad)
+        if pad and block.count(0, size) != pad:
+            raise FormatError(f"non-zero padding after member {header.name!r}")
+        self._pending = 0
+        return block[:size] if pad else block
 
     def finish(self) -> None:
         """After the end marker: only zero padding (at most one record) up to EOF."""

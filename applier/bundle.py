@@ -48,6 +48,8 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # Read ahead of the tar reader; with _gunzip's queue, how far past a refused byte a
 # bomb is inflated (2.25 MiB).
 _DECOMPRESSED_BUFFER = 256 << 10
+# A payload member up to this size is read in one piece with its padding (_tar.whole).
+_WHOLE_MEMBER = 1 << 20
 
 
 class BlobSink(Protocol):
@@ -234,12 +236,18 @@ class BundleFile:
             self.tar.finish()
 
     def _stream_member(self, header: _tar.Header, digest: str, out: BlobSink | None) -> None:
-        h = hashlib.sha256()
         try:
-            for chunk in self.tar.data(header):
-                h.update(chunk)
+            if header.size <= _WHOLE_MEMBER:
+                data = self.tar.whole(header)
+                h = hashlib.sha256(data)
                 if out is not None:
-                    out.write(chunk)
+                    out.write(data)
+            else:
+                h = hashlib.sha256()
+                for chunk in self.tar.data(header):
+                    h.update(chunk)
+                    if out is not None:
+                        out.write(chunk)
             _check_digest(self.path, header.name, h.hexdigest(), digest)
         except BaseException:
             if out is not None:

@@ -120,3 +120,39 @@ def test_any_byte_edit_of_a_header_reads_the_same_both_ways(data: st.DataObject)
     # Most edits fail at the checksum; with it made to match, the later checks decide.
     fixed = data.draw(st.booleans(), label="checksum fixed")
     _same_outcome(_with_checksum(bytes(block)) if fixed else bytes(block))
+
+
+# A small member is read in one piece with its padding (``whole``), a large one in
+# chunks (``data``): both give the member's bytes and refuse a non-zero padding byte.
+def _member(data: bytes, dirty: int | None = None) -> tuple[_tar.TarReader, _tar.Header]:
+    padding = bytearray(_tar.padding(len(data)))
+    if dirty is not None:
+        padding[dirty] = 1
+    raw = _tar.header_bytes("blobs/x", len(data), CREATED) + data + bytes(padding)
+    reader = _tar.TarReader(io.BytesIO(raw), len(raw))
+    header = reader.next_header()
+    assert header is not None
+    return reader, header
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 3000])
+def test_a_member_read_whole_or_in_chunks_gives_its_bytes(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    reader, header = _member(data)
+    assert reader.whole(header) == data
+    assert reader.position == 512 + size + len(_tar.padding(size))
+    reader, header = _member(data)
+    assert b"".join(reader.data(header, chunk=100)) == data
+
+
+@pytest.mark.parametrize("dirty", [0, 508])  # the first and the last padding byte
+@pytest.mark.parametrize("read", ["whole", "chunks"])
+def test_a_non_zero_padding_byte_is_refused_either_way(read: str, dirty: int) -> None:
+    reader, header = _member(b"abc", dirty)
+
+    def read_member() -> bytes:
+        return reader.whole(header) if read == "whole" else b"".join(
+            reader.data(header, chunk=2))
+
+    with pytest.raises(FormatError, match="non-zero padding after member 'blobs/x'"):
+        read_member()
