@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -634,6 +635,7 @@ class Manifest:
 _HOST_OPEN = '{"files":['
 
 
+@functools.cache
 def _entry_pattern() -> re.Pattern[str]:
     """The canonical text of a file entry, in the common shape; digest and size captured.
 
@@ -643,7 +645,8 @@ def _entry_pattern() -> re.Pattern[str]:
     enough to be exact. It matches less than the canonical form (an escape in a string,
     an entry of another shape): such text takes the parse and re-serialisation, which
     decides. The types and ranges of the values are not checked here: an entry of
-    another host gives only its digest and size (``_add_blobs``).
+    another host gives only its digest and size (``_add_blobs``). Compiled on first
+    use (2 ms), not at import: most commands never read a fleet's manifest.
     """
     string = r'"[^"\\\x00-\x1f]*"'
     number = r"(?:0|[1-9][0-9]{0,15})"
@@ -654,8 +657,6 @@ def _entry_pattern() -> re.Pattern[str]:
         rf'"mode":{string},"on_change":{commands},"owner":{string},"path":{string},'
         rf'"sha256":"([0-9a-f]{{64}})","size":(0|[1-9][0-9]{{0,15}}),"validate":{commands}\}}')
 
-
-_ENTRY = _entry_pattern()
 
 
 class _NotCanonicalError(Exception):
@@ -722,6 +723,7 @@ class _ViewReader:
         """
         text, own = self.text, name == self.host
         previous, previous_at, checked = self._previous, self._previous_at, self._checked
+        entry_shape = _entry_pattern()
         spans: list[str] = []
         first_seen: list[Any] = []
         files: list[Any] = []
@@ -738,7 +740,7 @@ class _ViewReader:
                 end = i + len(block)
                 k += run
             else:
-                match = None if own else _ENTRY.match(text, i)
+                match = None if own else entry_shape.match(text, i)
                 if match is not None:
                     # Canonical by its shape (see _entry_pattern), and only its digest
                     # and size are taken: no parse, no re-serialisation.

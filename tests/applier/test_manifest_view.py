@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 
 from applier.errors import ManifestError
 from applier.manifest import (
-    _ENTRY,
     Command,
     FileEntry,
     HostEntry,
     Manifest,
     TrustUpdate,
+    _entry_pattern,
     canonical_json,
 )
 
@@ -292,7 +292,7 @@ def test_a_space_after_a_comma_inside_a_long_shared_run_is_refused() -> None:
 
 
 # Another host's entry is taken by its shape when it has the common one
-# (``manifest._ENTRY``): no parse, no re-serialisation. The shape must follow the
+# (``manifest._entry_pattern``): no parse, no re-serialisation. The shape must follow the
 # model, and must never match text that is not the canonical form.
 _plain = st.text(st.characters(blacklist_characters='"\\', blacklist_categories=("Cs", "Cc")),
                  max_size=12)
@@ -314,7 +314,7 @@ _entry = st.builds(
 def test_the_entry_shape_matches_every_plain_entry_with_its_digest_and_size(
         entry: FileEntry) -> None:
     text = canonical_json(entry.to_dict()).decode()
-    match = _ENTRY.fullmatch(text)
+    match = _entry_pattern().fullmatch(text)
     assert match is not None, text
     assert (match[1], int(match[2])) == (entry.sha256, entry.size)
 
@@ -331,7 +331,7 @@ def test_the_entry_shape_never_matches_a_text_that_is_not_canonical(
          "-", "1.5", "1e3", "true", "null", '"a"', '"a":1', "ü", "\x7f"]), label="piece")
     # (A text decoded from UTF-8 never holds a lone surrogate.)
     edited = text[:at] + piece + text[at + cut:]
-    match = _ENTRY.fullmatch(edited)
+    match = _entry_pattern().fullmatch(edited)
     if match is None:
         return
     parsed = json.loads(edited)
