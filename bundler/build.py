@@ -29,7 +29,7 @@ from typing import Any, Self
 from tqdm import tqdm
 
 from applier import _fs
-from applier.bundle import BundleFile, read_bundle
+from applier.bundle import MAX_MANIFEST_SIZE, BundleFile, read_bundle
 from applier.manifest import (
     BLOB_PREFIX,
     GIT_BUNDLE_NAME,
@@ -42,7 +42,7 @@ from applier.manifest import (
 )
 from applier.sshsig import AllowedSigners, parse_signatures, signature_fingerprints, verify_one
 from applier.verify import NAMESPACE, TrustPolicy, VerifiedManifest
-from bundler.errors import BuildError, OutputError
+from bundler.errors import BuildError, ManifestTooLargeError, OutputError
 from bundler.git import GitRepo
 from bundler.render import Fleet, fork_is_safe, render_fleet
 from bundler.signing import HASH_ALGORITHM, SigningKey, sign, sign_digest
@@ -157,6 +157,7 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
             git=GitInfo(git_sha, git_size, tips),
         )
         written = _write_manifest(manifest, Path(tmp) / MANIFEST_NAME, out)
+        _check_manifest_size(written.size, len(manifest.hosts))
         signature = sign_digest(written.sha512, key)
         compression = compression_for(out, opts.compression)
         # Forked before the blob reader starts, so the child holds none of its pipes.
@@ -177,6 +178,23 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
                              compression=compression, progress=bar.update,
                              check=lambda p: _self_check(p, key, info.time, view))
     return BuildResult(out, manifest, size, dirty, fleet.warnings)
+
+
+def _check_manifest_size(size: int, hosts: int) -> None:
+    """Refuse a manifest no host would read, before the bundle is written; warn near it.
+
+    The manifest lists every file of every host it is for (about 130 KB per host of
+    550 files), and a host refuses one over ``MAX_MANIFEST_SIZE`` before it parses a
+    byte. Without this, the build would write the whole bundle and fail its read-back.
+    """
+    if size > MAX_MANIFEST_SIZE:
+        raise ManifestTooLargeError(
+            f"{MANIFEST_NAME} for {hosts} host(s) would be {size} bytes, and a host refuses "
+            f"one over {MAX_MANIFEST_SIZE}: build the fleet in several bundles (--host)")
+    if size > MAX_MANIFEST_SIZE * 3 // 4:
+        logger.warning("%s for %d host(s) is %d bytes, %d%% of the %d a host accepts: "
+                       "plan to build the fleet in several bundles (--host)", MANIFEST_NAME,
+                       hosts, size, size * 100 // MAX_MANIFEST_SIZE, MAX_MANIFEST_SIZE)
 
 
 def _render(repo: GitRepo, commit: str, opts: BuildOptions) -> Fleet:

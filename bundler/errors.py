@@ -48,6 +48,10 @@ class MissingSourceError(RepoConfigError):
     """A ``files[].src`` in ``gitops.yaml`` names no regular file in the commit."""
 
 
+class ManifestTooLargeError(RepoError):
+    """The hosts selected would make a manifest larger than a host accepts."""
+
+
 class OutputError(BuildError):
     """The bundle file cannot be written (disk full, permission denied)."""
 

@@ -197,3 +197,42 @@ def _fill(filler: Path, fs: Path, leave: int) -> None:
             f.write(bytes(_PAGE))
             f.flush()
     assert free_bytes(fs) == leave
+
+
+def _manifest_size(repo: Path, key: KeyPair, out: Path) -> tuple[int, int]:
+    manifest_bytes = _signed_part(run_build(repo, key, out))[0]
+    return len(manifest_bytes), len(Manifest.from_bytes(manifest_bytes).hosts)
+
+
+def test_a_manifest_larger_than_a_host_accepts_fails_the_build_before_it_is_written(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A host refuses a manifest over MAX_MANIFEST_SIZE (64 MiB: a fleet of about 500
+    # hosts of 550 files); the limit is lowered here to this fleet's size, less one.
+    size, hosts = _manifest_size(fleet_repo, signing_key, tmp_path / "sized.tar")
+    monkeypatch.setattr(build_module, "MAX_MANIFEST_SIZE", size - 1)
+    out = tmp_path / "b.tar.gz"
+    code = bundler_cli.main(["build", str(fleet_repo), "--key", str(signing_key.private),
+                             "-o", str(out)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == ExitCode.REPO
+    assert errors == [(f"gitops-bundle: error: manifest.json for {hosts} host(s) would be "
+                       f"{size} bytes, and a host refuses one over {size - 1}: build the "
+                       "fleet in several bundles (--host)")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fleet_repo.name, "sized.tar"]
+
+
+def test_a_manifest_near_the_limit_is_built_with_a_warning(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    size, hosts = _manifest_size(fleet_repo, signing_key, tmp_path / "sized.tar")
+    monkeypatch.setattr(build_module, "MAX_MANIFEST_SIZE", size)  # exactly at the limit
+    out = tmp_path / "b.tar.gz"
+    code = bundler_cli.main(["build", str(fleet_repo), "--key", str(signing_key.private),
+                             "-o", str(out)])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert code == 0
+    assert warnings == [(f"gitops-bundle: warning: manifest.json for {hosts} host(s) is "
+                         f"{size} bytes, 100% of the {size} a host accepts: plan to build "
+                         "the fleet in several bundles (--host)")]
+    assert _signed_part(out)[0] == _signed_part(tmp_path / "sized.tar")[0]
