@@ -658,7 +658,6 @@ def _entry_pattern() -> re.Pattern[str]:
         rf'"sha256":"([0-9a-f]{{64}})","size":(0|[1-9][0-9]{{0,15}}),"validate":{commands}\}}')
 
 
-
 class _NotCanonicalError(Exception):
     """A host's view cannot be read piecewise: the whole-document path decides."""
 
