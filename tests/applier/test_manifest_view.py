@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from applier import manifest as manifest_module
 from applier.errors import ManifestError
 from applier.manifest import (
     Command,
@@ -99,6 +100,8 @@ EDITS: list[tuple[str, Callable[[bytes], bytes]]] = [
     ("NaN", lambda b: b.replace(b'"retries":0', b'"retries":NaN', 1)),
     ("unknown key at the top", lambda b: b.replace(b'"builder":', b'"zbuilder":', 1)),
     ("two members swapped at the top", _swap_first_members),
+    ("hosts object closed after the first host",
+     lambda b: b.replace(b']},"node-001"', b']}}"node-001"', 1)),
     ("host object closed with a bracket",
      lambda b: b.replace(b']},"node-002"', b']],"node-002"', 1)),
     ("duplicate host", lambda b: b.replace(b'"node-002"', b'"node-001"', 1)),
@@ -349,3 +352,72 @@ def test_an_escape_in_another_hosts_entry_takes_the_full_parse() -> None:
     assert edited != data
     for host in ("node-001", "node-002"):
         assert _same_outcome(edited, host) == ("error", "manifest.json is not in canonical form")
+
+
+# The hosts object is decoded about a host at a time, the rest of the document apart:
+# one character that needs four bytes (an emoji in a commit subject) would otherwise
+# make the whole decoded text four bytes a character.
+def test_a_wide_character_in_the_subject_does_not_widen_the_hosts_text() -> None:
+    def view_peak(subject: str) -> tuple[int, int]:
+        fleet = _fleet(hosts=60, files=20)
+        data = dataclasses.replace(
+            fleet, source=dataclasses.replace(fleet.source, subject=subject)).to_bytes()
+        tracemalloc.start()
+        try:
+            view = Manifest.from_bytes(data, "node-007")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert view.source.subject == subject
+        assert len(view.hosts["node-007"].files) == 40
+        return peak, len(data)
+
+    plain, size = view_peak("deploy today")
+    wide, _ = view_peak("deploy \U0001f680 today")
+    # The whole text as one string would take 4 bytes a character: 3 x size more.
+    assert wide < plain + size / 4, (wide, plain, size)
+
+
+# Windows far smaller than a host: the first one, and every later one after a host
+# longer than the last, ends inside the host (or inside a character of a non-ASCII
+# name); the host is read again from a larger window, and the outcome is the same.
+@st.composite
+def _uneven(draw: st.DrawFn) -> bytes:
+    names = ["a.conf", "ü/b.conf", "中/c.conf", "\U0001f680/d.conf", "e"]
+    hosts: dict[str, dict[str, bytes | FileSpec]] = {}
+    for h in range(draw(st.integers(1, 4), label="hosts")):
+        picked = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)),
+                      label=f"files of node-{h:03d}")
+        hosts[f"node-{h:03d}"] = {
+            f"/etc/{n}": FileSpec(f"{n} {h}".encode(), on_change=("reload " + "x" * h,))
+            for n in picked}
+    return BundleSpec(hosts).manifest().to_bytes()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_small_windows_give_the_same_view(data: st.DataObject) -> None:
+    base = data.draw(_uneven(), label="manifest")
+    window = data.draw(st.integers(1, 400), label="first window")
+    edited = base
+    if data.draw(st.booleans(), label="edit"):
+        at = data.draw(st.integers(0, len(base) - 1), label="at")
+        byte = data.draw(st.sampled_from(list(b' ,{}[]":\\0a\x80')), label="byte")
+        edited = base[:at] + bytes([byte]) + base[at + 1:]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(manifest_module, "_FIRST_WINDOW", window)
+        for host in ("node-000", "node-001"):
+            _same_outcome(edited, host)
+
+
+@pytest.mark.parametrize("shift", [-1, 0, 1, 2])
+def test_a_window_ending_at_a_hosts_last_byte_is_read_again(shift: int) -> None:
+    # The first window ends just before, at, or just after the end of the first host's
+    # object (``shift`` 0: its closing brace is the window's last character, and the
+    # separator that must follow it is not in the window).
+    data = _fleet().to_bytes()
+    start = data.index(b'"hosts":') + len(b'"hosts":')
+    first_end = data.index(b']},"node-001"') + 2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(manifest_module, "_FIRST_WINDOW", first_end - start + shift)
+        assert _same_outcome(data, "node-000")[0] == "ok"
