@@ -189,10 +189,8 @@ class TarReader:
             left -= len(piece)
             self._pending -= len(piece)
             yield piece
-        # Padding is not covered by any digest: zeros only, so no unsigned byte can
-        # ride along inside an accepted bundle.
-        if pad and self._read(pad).count(0) != pad:
-            raise FormatError(f"non-zero padding after member {header.name!r}")
+        if pad:
+            _check_padding(self._read(pad), 0, header)
         self._pending = 0
 
     def whole(self, header: Header) -> bytes:
@@ -203,8 +201,8 @@ class TarReader:
         pad = -size % BLOCK
         self._pending = size + pad
         block = self._read(size + pad)
-        if pad and block.count(0, size) != pad:
-            raise FormatError(f"non-zero padding after member {header.name!r}")
+        if pad:
+            _check_padding(block, size, header)
         self._pending = 0
         return block[:size] if pad else block
 
@@ -221,6 +219,13 @@ class TarReader:
             if slack > RECORD:
                 raise FormatError(f"more than {RECORD} bytes of padding after the tar end")
             self._pos += len(chunk)
+
+
+def _check_padding(block: bytes, start: int, header: Header) -> None:
+    """``block[start:]`` is a member's padding: zeros only. Padding is not covered by
+    any digest, so no unsigned byte can ride along inside an accepted bundle."""
+    if block.count(0, start) != len(block) - start:
+        raise FormatError(f"non-zero padding after member {header.name!r}")
 
 
 def header_bytes(name: str, size: int, mtime: int) -> bytes:

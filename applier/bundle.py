@@ -236,18 +236,14 @@ class BundleFile:
             self.tar.finish()
 
     def _stream_member(self, header: _tar.Header, digest: str, out: BlobSink | None) -> None:
+        h = hashlib.sha256()
         try:
-            if header.size <= _WHOLE_MEMBER:
-                data = self.tar.whole(header)
-                h = hashlib.sha256(data)
+            chunks = ((self.tar.whole(header),) if header.size <= _WHOLE_MEMBER
+                      else self.tar.data(header))
+            for chunk in chunks:
+                h.update(chunk)
                 if out is not None:
-                    out.write(data)
-            else:
-                h = hashlib.sha256()
-                for chunk in self.tar.data(header):
-                    h.update(chunk)
-                    if out is not None:
-                        out.write(chunk)
+                    out.write(chunk)
             _check_digest(self.path, header.name, h.hexdigest(), digest)
         except BaseException:
             if out is not None:

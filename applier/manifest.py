@@ -753,8 +753,8 @@ class _ViewReader:
         and the host read again; only a window that reaches ``end`` makes a failure
         final. Reading a host records nothing until it succeeds, and what a window
         holds is a prefix of the bytes, so a host is read as from the whole text (a
-        JSON value ends where its own text says). Names must be strictly increasing,
-        as ``_walk_object`` requires within one text. A window ends on a byte that
+        JSON value ends where its own text says). Names must be strictly increasing
+        (``_member_key``, as in ``_walk_object``). A window ends on a byte that
         starts a character, so each decodes as its part of the whole would.
         """
         data, view = self.data, memoryview(self.data)
@@ -795,11 +795,8 @@ class _ViewReader:
         follow it in ``text``) and what ``_add_host`` records."""
         if text[:1] != opening:
             raise _NotCanonicalError
-        name, i = _scan_canonical(text, 1)
-        if (not isinstance(name, str) or (previous is not None and not previous < name)
-                or text[i:i + 1] != ":"):
-            raise _NotCanonicalError
-        i, host = self._read_host(text, name, i + 1)
+        name, i = _member_key(text, 1, previous)
+        i, host = self._read_host(text, name, i)
         if i >= len(text):  # the separator is past the window
             raise _NotCanonicalError
         return name, i, host
@@ -940,6 +937,16 @@ def _scan_canonical(text: str, i: int) -> tuple[Any, int]:
     return value, end
 
 
+def _member_key(text: str, i: int, previous: str | None) -> tuple[str, int]:
+    """The canonical key at ``text[i:]``, after ``previous`` in sorted order, and where
+    its value starts (after the ``:``)."""
+    key, end = _scan_canonical(text, i)
+    if (not isinstance(key, str) or (previous is not None and not previous < key)
+            or text[end:end + 1] != ":"):
+        raise _NotCanonicalError
+    return key, end + 1
+
+
 def _walk_object(text: str, i: int, on_value: Callable[[str, int], int]) -> int:
     """Check that ``text[i:]`` opens a canonical JSON object and walk its members.
 
@@ -953,12 +960,9 @@ def _walk_object(text: str, i: int, on_value: Callable[[str, int], int]) -> int:
         return i + 1
     previous: str | None = None
     while True:
-        key, end = _scan_canonical(text, i)
-        if (not isinstance(key, str) or (previous is not None and not previous < key)
-                or text[end:end + 1] != ":"):
-            raise _NotCanonicalError
+        key, i = _member_key(text, i, previous)
         previous = key
-        i = on_value(key, end + 1)
+        i = on_value(key, i)
         separator = text[i:i + 1]
         i += 1
         if separator == "}":
