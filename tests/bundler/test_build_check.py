@@ -37,6 +37,14 @@ def run_build(repo: Path, key: KeyPair, out: Path) -> Path:
     return out
 
 
+def cli_build(repo: Path, key: KeyPair, out: Path,
+              capsys: pytest.CaptureFixture[str], kind: str) -> tuple[int, list[str]]:
+    """``gitops-bundle build`` through its CLI: the exit code and the stderr lines of
+    ``kind`` ("error", "warning")."""
+    code = bundler_cli.main(["build", str(repo), "--key", str(key.private), "-o", str(out)])
+    return code, [line for line in capsys.readouterr().err.splitlines() if kind in line]
+
+
 def test_a_file_that_is_not_what_was_signed_is_never_published(
         fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,9 +182,7 @@ def test_a_full_output_disk_while_the_manifest_is_written_is_one_error(
     filler = small_fs / "filler"
     _fill(filler, small_fs, free)
     out = small_fs / "b.tar.gz"
-    code = bundler_cli.main(["build", str(fleet_repo), "--key", str(signing_key.private),
-                             "-o", str(out)])
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    code, errors = cli_build(fleet_repo, signing_key, out, capsys, "error")
     assert code == ExitCode.IO
     assert errors == [f"gitops-bundle: error: cannot write {out}: no space left on device"]
     assert list(small_fs.iterdir()) == [filler]  # the scratch directory went too
@@ -212,9 +218,7 @@ def test_a_manifest_larger_than_a_host_accepts_fails_the_build_before_it_is_writ
     size, hosts = _manifest_size(fleet_repo, signing_key, tmp_path / "sized.tar")
     monkeypatch.setattr(build_module, "MAX_MANIFEST_SIZE", size - 1)
     out = tmp_path / "b.tar.gz"
-    code = bundler_cli.main(["build", str(fleet_repo), "--key", str(signing_key.private),
-                             "-o", str(out)])
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    code, errors = cli_build(fleet_repo, signing_key, out, capsys, "error")
     assert code == ExitCode.REPO
     assert errors == [(f"gitops-bundle: error: manifest.json for {hosts} host(s) would be "
                        f"{size} bytes, and a host refuses one over {size - 1}: build the "
@@ -228,9 +232,7 @@ def test_a_manifest_near_the_limit_is_built_with_a_warning(
     size, hosts = _manifest_size(fleet_repo, signing_key, tmp_path / "sized.tar")
     monkeypatch.setattr(build_module, "MAX_MANIFEST_SIZE", size)  # exactly at the limit
     out = tmp_path / "b.tar.gz"
-    code = bundler_cli.main(["build", str(fleet_repo), "--key", str(signing_key.private),
-                             "-o", str(out)])
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    code, warnings = cli_build(fleet_repo, signing_key, out, capsys, "warning")
     assert code == 0
     assert warnings == [(f"gitops-bundle: warning: manifest.json for {hosts} host(s) is "
                          f"{size} bytes, 100% of the {size} a host accepts: plan to build "
