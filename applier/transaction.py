@@ -178,6 +178,9 @@ class Transaction:
         try:
             for d in self.journal.dirs:
                 os.mkdir(d, 0o755)
+                # mkdir's mode passes through the umask: under a hardened umask (077) a
+                # new /etc/nginx/sites would shut nginx's workers out of their config.
+                os.chmod(d, 0o755)  # noqa: S103 - what mkdir -p gives under umask 022
                 _faults.point("mkdir")
             staged: list[str] = []
             for op, change in zip(self.journal.ops, self.plan.changes, strict=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grp
 import json
+import os
 import pwd
 from pathlib import Path
 
@@ -216,3 +217,17 @@ def test_each_account_name_is_looked_up_once_per_operation(
                    .write(tmp_path / f"b{seq}.tar", signing_key))
     assert read(root, "/etc/app/19.conf") == b"two 19\n"
     assert calls == ["user root", "group root"] * 2
+
+
+def test_directories_an_apply_creates_are_0755_whatever_the_umask(
+        root: Path, tmp_path: Path, signing_key: KeyPair, systemctl: Systemctl) -> None:
+    """A hardened umask (077) must not leave a new config directory that the service's
+    unprivileged workers cannot enter."""
+    bundle = spec(1).write(tmp_path / "b1.tar", signing_key)
+    old = os.umask(0o077)
+    try:
+        Host(root).apply(bundle)
+    finally:
+        os.umask(old)
+    for d in ("etc/nginx", "etc/nginx/conf.d"):
+        assert (root / d).stat().st_mode & 0o7777 == 0o755, d
