@@ -83,6 +83,11 @@ class Journal:
     dirs: list[str]
     on_change: list[dict[str, Any]] = field(default_factory=list)
     phase: str = "prepared"
+    # Whether ``new_bundle`` was retained before this transaction. If not, a rollback
+    # removes what the commit may have retained of it: a bundle that never took effect
+    # must not be listed as applied, count against ``retain`` or be a rollback target.
+    # (A journal written before this field: True, the old behaviour.)
+    new_retained: bool = True
 
     def to_bytes(self) -> bytes:
         """JSON with an op per line, to read by hand if recovery cannot run.
@@ -115,7 +120,8 @@ def _rebase(journal: Journal, path: Callable[[str], str]) -> Journal:
     ops = [Op(o.kind, o.path, o.real, opt(o.temp), opt(o.backup), o.sha256)
            for o in journal.ops]
     return Journal(journal.txid, journal.purpose, journal.new_bundle, ops,
-                   [path(d) for d in journal.dirs], journal.on_change, journal.phase)
+                   [path(d) for d in journal.dirs], journal.on_change, journal.phase,
+                   journal.new_retained)
 
 
 def load_journal(layout: HostLayout) -> Journal | None:
@@ -156,8 +162,10 @@ class Transaction:
                 backup=None if change.kind == "add" else base + ".old",
                 sha256=change.new.sha256 if change.new else None,
             ))
+        retained = new_bundle is None or (layout.bundles / new_bundle / "meta.json").exists()
         self.journal = Journal(self.txid, purpose, new_bundle, ops, self._missing_dirs(),
-                               [c.to_dict() for c in restore_commands(plan)])
+                               [c.to_dict() for c in restore_commands(plan)],
+                               new_retained=retained)
 
     def _missing_dirs(self) -> list[str]:
         out: list[str] = []
@@ -349,6 +357,11 @@ def rollback(layout: HostLayout, journal: Journal,
     results: list[CommandResult] = []
     if journal.phase == "services" and rerun is not None:
         results = rerun([Command(**c) for c in journal.on_change])
+    if not journal.new_retained and journal.new_bundle is not None:
+        # The commit may have retained the new bundle before the crash (meta.json is
+        # written before current.json): it never took effect, so it is not kept.
+        shutil.rmtree(layout.bundles / journal.new_bundle, ignore_errors=True)
+        _faults.point("unretain")
     _fs.remove_quietly(layout.journal)
     _faults.point("journal-removed")
     with contextlib.suppress(FileNotFoundError):

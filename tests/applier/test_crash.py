@@ -259,9 +259,19 @@ def fault_points(run: Runner, root: Path, *args: str) -> list[str]:
     return [line.split(" ", 1)[1] for line in lines]
 
 
+def retained_ids(root: Path) -> set[str]:
+    """Every directory under the state's bundles/, complete or not."""
+    return {p.name for p in (root / STATE / "bundles").iterdir()}
+
+
 def check_consistent(run: Runner, w: World, root: Path, allowed: dict[str, dict[str, Any]],
-                     label: str) -> str:
-    """The root is exactly one allowed state, the state agrees, services saw it too."""
+                     label: str, template: Path) -> str:
+    """The root is exactly one allowed state, the state agrees, services saw it too.
+
+    ``template`` is the root the crashed command started from: the bundles retained
+    now are its own plus the one now current, and no other (a bundle rolled back by
+    recovery is not kept as if it had been applied).
+    """
     assert not (root / STATE / "journal.json").exists(), f"{label}: journal left behind"
     got = managed(root)
     leftovers = [p for p in got if "/.gitops-" in "/" + p]
@@ -277,6 +287,8 @@ def check_consistent(run: Runner, w: World, root: Path, allowed: dict[str, dict[
     assert not any((root / STATE / "staging").iterdir()), f"{label}: staging not cleaned"
     expected_id = w.ids["v2"] if which == "new" else w.ids["v1"]
     assert current_id(root) == expected_id, f"{label}: files are {which}, state is not"
+    assert retained_ids(root) == retained_ids(template) | {expected_id}, \
+        f"{label}: retained {sorted(retained_ids(root))}, current {expected_id}"
     reloads = root.parent / "reloads.log"
     if reloads.exists() and reloads.read_bytes():
         last = reloads.read_bytes().splitlines(keepends=True)[-1]
@@ -345,7 +357,7 @@ def test_every_crash_point_of_an_apply_recovers_to_old_or_new(
             code, out = run(root, *args)
             assert code == 0, f"point {n} ({points[n - 1]}) {mode}: {out}"
             which = check_consistent(run, w, root, allowed, f"point {n} ({points[n - 1]}) "
-                                     f"then {mode}")
+                                     f"then {mode}", w.v1_root)
             if mode == "apply":
                 assert which == "new", f"point {n}: apply after the crash did not finish"
             return which
@@ -389,7 +401,7 @@ def test_crash_during_recovery_then_recover_again(
             code, out = run(root, "recover")
             assert code == 0, out
             check_consistent(run, w, root, allowed, f"apply point {n} ({points[n - 1]}), "
-                             f"recovery point {m} ({rpoints[m - 1]})")
+                             f"recovery point {m} ({rpoints[m - 1]})", w.v1_root)
         return str(len(chosen))
 
     counts = [int(c) for c in parallel([partial(job, n) for n in range(1, len(points) + 1)])]
@@ -411,7 +423,8 @@ def test_every_crash_point_of_a_rollback_command(
         root = crash(run, w, w.v2_root, n, w.tmp / f"rb-{n}", ("rollback",))
         code, out = run(root, "recover")
         assert code == 0, out
-        return check_consistent(run, w, root, allowed, f"rollback point {n} ({points[n - 1]})")
+        return check_consistent(run, w, root, allowed, f"rollback point {n} ({points[n - 1]})",
+                                w.v2_root)
 
     results = parallel([partial(job, n) for n in range(1, len(points) + 1)])
     assert set(results) == {"old", "new"}
@@ -433,7 +446,7 @@ def test_every_crash_point_of_a_health_failure_rollback(
         code, out = run(root, "recover")
         assert code == 0, out
         return check_consistent(run, w, root, allowed, f"health-rollback point {n} "
-                                f"({points[n - 1]})")
+                                f"({points[n - 1]})", w.v1_root)
 
     parallel([partial(job, n) for n in range(1, len(points) + 1)])
     report(capsys, f"health-failure rollback: {len(points)} crash points")
@@ -451,7 +464,7 @@ def test_installed_script_crashes_and_recovers_the_same_way(world: World, run: R
         code, out = run(root, "recover", real=True)
         assert code == 0, out
         assert "rolled back" in out
-        check_consistent(run, w, root, {"old": w.old}, f"real script, point {n}")
+        check_consistent(run, w, root, {"old": w.old}, f"real script, point {n}", w.v1_root)
 
 
 def test_recovery_follows_the_root_when_it_moves(world: World, run: Runner) -> None:
@@ -467,5 +480,5 @@ def test_recovery_follows_the_root_when_it_moves(world: World, run: Runner) -> N
     root.mkdir()  # something else now lives at the old place: it must not be touched
     code, out = run(moved / "root", "recover")
     assert code == 0, out
-    check_consistent(run, w, moved / "root", {"old": w.old}, "moved root")
+    check_consistent(run, w, moved / "root", {"old": w.old}, "moved root", w.v1_root)
     assert list(root.iterdir()) == []
