@@ -354,10 +354,16 @@ class Host:
                 self.state.adopt_objects(sorted(staging.iterdir()))
         except (ValidationFailedError, CommandError, HealthCheckError) as e:
             # Remembered first: a crash during the rollback must not let watch retry it.
+            # But only remembered if the disk lets us: the rollback must run whatever
+            # happens here, and the failure is what the operator needs to hear about.
+            reason = str(e)
             if purpose == "apply":
-                self.state.mark_bad(digest, str(e))
+                self._best_effort(lambda: self.state.mark_bad(digest, reason),
+                                  "remember the bundle as failed")
             report.commands += tx.rollback(rerun)
-            self._audit(purpose, m, verified, plan, report, f"failed: {e}", audit)
+            self._best_effort(lambda: self._audit(purpose, m, verified, plan, report,
+                                                  f"failed: {reason}", audit),
+                              "record the failure in the audit log")
             raise
         except BaseException:
             # Anything else (disk full, a bug, Ctrl-C): the journal says what to undo, and
@@ -372,6 +378,14 @@ class Host:
             self.state.prune(self.config.retain, m.bundle_id)
         self._audit(purpose, m, verified, plan, report, "ok", audit)
         return report
+
+    @staticmethod
+    def _best_effort(step: Callable[[], object], what: str) -> None:
+        """Run a bookkeeping step of a failed apply; a full disk only gets a warning."""
+        try:
+            step()
+        except HostIOError as e:
+            logger.warning("could not %s: %s", what, e)
 
     def _swap(self, tx: Transaction, plan: Plan, report: Report) -> None:
         bundle_id = tx.journal.new_bundle

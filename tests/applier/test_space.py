@@ -21,7 +21,7 @@ from applier.apply import init_host
 from applier.errors import ExitCode
 
 from conftest import free_bytes
-from factory import BundleSpec, KeyPair, snapshot, write_allowed_signers
+from factory import BundleSpec, FileSpec, KeyPair, snapshot, write_allowed_signers
 
 
 @pytest.fixture
@@ -84,3 +84,21 @@ def test_disk_fills_while_streaming_blobs_changes_nothing(
     assert "no space left on device" in lines[0]
     assert re.search(r"needs? \d+ bytes", lines[0]), lines[0]
     assert snapshot(root) == before
+
+
+def test_disk_full_when_a_failed_health_check_is_recorded_still_rolls_back(
+        root: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    """The health check fails *and* fills the disk: the bundle cannot be remembered as
+    bad nor audited, but its files are rolled back all the same and the exit code is
+    the health failure's (a warning says what could not be recorded)."""
+    fill = "sh -c 'head -c 4000000 /dev/zero > {root}/filler; exit 1'"
+    bundle = BundleSpec({"frodo": {"/etc/app.conf": FileSpec(b"v2\n", health=(fill,)),
+                                   "/etc/motd": b"hello\n"}},
+                        sequence=2, commit="2" * 40).write(tmp_path / "v2.tar", signing_key)
+    before = snapshot(root / "etc")
+    r = apply(root, bundle)
+    (root / "filler").unlink()
+    assert r.returncode == ExitCode.HEALTH, r.stderr
+    assert "no space left on device" in r.stderr
+    assert snapshot(root / "etc") == before
+    assert not (root / "var/lib/gitops-apply/journal.json").exists()
