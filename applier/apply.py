@@ -62,13 +62,16 @@ class Report:
     commands: list[commands.CommandResult] = field(default_factory=list)
     signers: list[str] = field(default_factory=list)
     recovered: dict[str, Any] | None = None
+    # The saved set (drift.py) holding what the plan replaced or removed that the
+    # current bundle had not put there, if anything.
+    saved: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"action": self.action, "bundle_id": self.bundle_id, "dry_run": self.dry_run,
                 "plan": self.plan.to_dict(), "signers": self.signers,
                 "payload_read": self.payload_read,
                 "commands": [c.to_dict() for c in self.commands],
-                "recovered": self.recovered}
+                "recovered": self.recovered, "saved": self.saved}
 
 
 class _StagingSink:
@@ -336,6 +339,17 @@ class Host:
             audit = {**(audit or {}), "payload_read": False}
         if dry_run:
             return report
+        if any(c.save for c in plan.changes):
+            # Nothing lost: a file the tool never managed (a package's nginx.conf taken
+            # over by the first apply) or one changed out of band is copied aside
+            # before it is replaced or removed, as a repair does (drift --history).
+            from applier import drift  # noqa: PLC0415 - on demand (test_startup.py)
+
+            keep = drift.displaced(plan)
+            who = drift.invoker()
+            report.saved = drift.save(self.layout, keep, current.bundle_id, who,
+                                      int(self.clock()), purpose).id
+            audit = {**(audit or {}), "saved": report.saved, "by": who}
         tx = Transaction(self.layout, plan, self._content(staging), purpose, m.bundle_id)
 
         def rerun(cmds: list[Command]) -> list[commands.CommandResult]:

@@ -315,6 +315,13 @@ def _print_report(report: Report, as_json: bool) -> None:
                 _echo(f"  would run ({kind}): {cmd.run}")
     for r in report.commands:
         _echo(f"  ran: {r.run} -> {'ok' if r.ok else r.reason}")
+    saving = [c.path for c in plan.changes if c.save]
+    if saving and report.dry_run:
+        _echo(f"would first save {len(saving)} file(s) the current bundle did not put "
+              f"there: {', '.join(saving)}")
+    if report.saved:
+        _echo(f"saved {len(saving)} file(s) the current bundle did not put there as "
+              f"{report.saved} (see: {PROG} drift --history)")
     summary = (f"{len(plan.by_kind('add'))} added, {len(plan.by_kind('update'))} updated, "
                f"{len(plan.by_kind('remove'))} removed, {len(plan.unchanged)} unchanged")
     if report.noop:
@@ -474,7 +481,7 @@ def _print_saved(sets: list[SavedSet]) -> None:
         by = s.by.get("user", "?") + (f" (sudo from {s.by['sudo_user']})"
                                       if s.by.get("sudo_user") else "")
         _echo(f"{s.id}  {_iso(s.time)}  bundle {s.bundle_id}  by {by}  "
-                   f"{len(s.files)} file(s)")
+                   f"{len(s.files)} file(s) before {s.purpose}")
         for f in s.files:
             what = f.get("kind", "?")
             if what == "file":

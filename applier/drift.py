@@ -36,7 +36,7 @@ import pwd
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -351,15 +351,37 @@ class SavedSet:
     bundle_id: str | None
     by: dict[str, Any]
     files: list[dict[str, Any]]
+    # What overwrote them: a repair (drift-fix), or an apply or rollback that replaced
+    # or removed files the current bundle had not put there.
+    purpose: str = "drift-fix"
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "time": self.time, "bundle_id": self.bundle_id, "by": self.by,
-                "files": self.files}
+                "files": self.files, "purpose": self.purpose}
 
 
-def save(layout: HostLayout, drifted: list[Drifted], bundle_id: str | None,
-         by: dict[str, Any], now: int) -> SavedSet:
-    """Copy every out-of-band version that a repair will overwrite into the state dir.
+@dataclass(frozen=True)
+class Displaced:
+    """A file an apply or rollback will replace or remove that is not the current
+    bundle's: never managed by it (``unmanaged``) or changed out of band (``drifted``)."""
+
+    path: str
+    real: str
+    kind: str
+    reason: str
+
+
+def displaced(plan: Plan) -> list[Displaced]:
+    """What ``plan`` marks to be saved before it is carried out."""
+    return [Displaced(c.path, c.real, "unmanaged" if c.old is None else "drifted",
+                      c.reason if c.kind == "update" else "removed by the new bundle")
+            for c in plan.changes if c.save]
+
+
+def save(layout: HostLayout, drifted: Sequence[Drifted | Displaced], bundle_id: str | None,
+         by: dict[str, Any], now: int, purpose: str = "drift-fix") -> SavedSet:
+    """Copy every out-of-band version that a repair (or an apply) will overwrite into
+    the state dir.
 
     Built in a hidden temp directory and renamed into place, so a set is complete or
     absent. Copies are 0600 (they may hold secrets); the index records the real mode.
@@ -387,7 +409,7 @@ def save(layout: HostLayout, drifted: list[Drifted], bundle_id: str | None,
                     shutil.copytree(disk, dst, symlinks=True)
                     record["saved"] = f"files/{n}"
             files.append(record)
-        saved = SavedSet(set_id, now, bundle_id, by, files)
+        saved = SavedSet(set_id, now, bundle_id, by, files, purpose)
         _fs.atomic_write(tmp / INDEX, _dumps(saved.to_dict()), 0o600)
         os.sync()  # the copies must be durable before the originals are overwritten
         os.rename(tmp, base / set_id)
@@ -398,7 +420,7 @@ def save(layout: HostLayout, drifted: list[Drifted], bundle_id: str | None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("saved %d drifted file(s) as %s before repair", len(files), set_id)
+    logger.info("saved %d file(s) as %s before %s", len(files), set_id, purpose)
     return saved
 
 
@@ -414,7 +436,7 @@ def history(layout: HostLayout) -> list[SavedSet]:
         try:
             data = json.loads((d / INDEX).read_bytes())
             out.append(SavedSet(data["id"], data["time"], data["bundle_id"], data["by"],
-                                data["files"]))
+                                data["files"], data.get("purpose", "drift-fix")))
         except (OSError, ValueError, KeyError) as e:
             logger.warning("ignoring unreadable saved drift set %s: %s", d.name, e)
     return out

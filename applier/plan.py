@@ -12,21 +12,25 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import grp
+import logging
 import os
 import pwd
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from applier import _fs
 from applier.commands import unique
-from applier.errors import ValidationFailedError
+from applier.errors import PathPolicyError, ValidationFailedError
 from applier.manifest import Command, FileEntry, HostEntry
 from applier.paths import HostLayout, resolve_target
 
 ChangeKind = Literal["add", "update", "remove"]
 CommandKind = Literal["check", "on_change", "health"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class Change:
     new: FileEntry | None
     old: FileEntry | None
     reason: str = ""
+    # What is on disk is not what the current bundle put there (a file the tool never
+    # managed, or one changed out of band): it is saved before it is replaced or removed.
+    save: bool = False
 
     @property
     def entry(self) -> FileEntry:
@@ -72,6 +79,7 @@ class Plan:
             "add": [c.path for c in self.by_kind("add")],
             "update": [{"path": c.path, "reason": c.reason} for c in self.by_kind("update")],
             "remove": [c.path for c in self.by_kind("remove")],
+            "save": [c.path for c in self.changes if c.save],
             "unchanged": len(self.unchanged),
             "check": [c.run for c in self.commands("check")],
             "on_change": [c.run for c in self.commands("on_change")],
@@ -152,29 +160,64 @@ def difference(disk_path: str | os.PathLike[str], entry: FileEntry) -> str | Non
     return None
 
 
+def _not_as_left(disk_path: Path, old: FileEntry | None) -> bool:
+    """Whether the file on disk is other than what the current bundle put there."""
+    if old is None:
+        return True
+    try:
+        return difference(disk_path, old) is not None
+    except ValidationFailedError:  # its owner is gone from this host: it changed
+        return True
+
+
 def make_plan(layout: HostLayout, new: HostEntry, old: HostEntry | None,
               prefixes: tuple[str, ...]) -> Plan:
-    """Compare ``new`` with the disk and ``old``; raise if a path breaks host policy."""
+    """Compare ``new`` with the disk and ``old``; raise if a path breaks host policy.
+
+    Two rules keep what the tool did not write: a directory is never replaced or
+    removed (a path the bundle wants as a file is refused; a dropped one is left in
+    place), and anything else on disk that is not what the current bundle put there is
+    marked ``save`` (the caller copies it aside before it is overwritten or removed).
+    Two paths that are one file on this host (through a directory symlink) are refused.
+    """
     changes: list[Change] = []
     unchanged: list[str] = []
     dirs: dict[str, str] = {}
     new_paths = new.by_path()
     old_paths = old.by_path() if old is not None else {}
+    reals: dict[str, str] = {}  # host path -> the manifest path that lands there
     for entry in new.files:
         real = resolve_target(layout, entry.path, prefixes, dirs)
-        why = difference(layout.on_disk(real), entry)
+        if real in reals:
+            raise PathPolicyError(f"{entry.path}: the same file on this host as "
+                                  f"{reals[real]} (through a directory symlink)")
+        reals[real] = entry.path
+        disk = layout.on_disk(real)
+        why = difference(disk, entry)
+        before = old_paths.get(entry.path)
         if why is None:
             unchanged.append(entry.path)
         elif why == "missing":
-            changes.append(Change("add", entry.path, real, entry, old_paths.get(entry.path),
-                                  "missing"))
+            changes.append(Change("add", entry.path, real, entry, before, "missing"))
+        elif why == "replaced by a directory":
+            raise PathPolicyError(f"{entry.path}: a directory is in the way on this host "
+                                  "(the tool never replaces a directory; move it away)")
         else:
-            changes.append(Change("update", entry.path, real, entry, old_paths.get(entry.path),
-                                  why))
+            changes.append(Change("update", entry.path, real, entry, before, why,
+                                  save=_not_as_left(disk, before)))
     for path, entry in old_paths.items():
         if path in new_paths:
             continue
         real = resolve_target(layout, path, prefixes, dirs)
-        if os.path.lexists(layout.on_disk(real)):
-            changes.append(Change("remove", path, real, None, entry, "no longer managed"))
+        if real in reals:  # the new bundle manages this very file under another name
+            continue
+        disk = layout.on_disk(real)
+        if not os.path.lexists(disk):
+            continue
+        if disk.is_dir() and not disk.is_symlink():
+            logger.warning("%s: no longer managed, but left in place: it is a directory "
+                           "now, and the tool never removes one", path)
+            continue
+        changes.append(Change("remove", path, real, None, entry, "no longer managed",
+                              save=_not_as_left(disk, entry)))
     return Plan(tuple(changes), tuple(unchanged))
