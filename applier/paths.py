@@ -106,13 +106,16 @@ def resolve_target(layout: HostLayout, path: str, prefixes: tuple[str, ...],
     _check_prefix(path, path, prefixes)
     parent, name = posixpath.split(path)
     real_parent = cache.get(parent) if cache is not None else None
+    fresh = real_parent is None
     if real_parent is None:
         real_parent = _resolve_dir(layout, parent, path)
-        if cache is not None:
-            cache[parent] = real_parent
     real = posixpath.join(real_parent, name)
     if real != path:
         _check_prefix(real, path, prefixes)
+    if fresh:
+        _check_not_protected(layout, real_parent, path, cache)
+        if cache is not None:
+            cache[parent] = real_parent
     return real
 
 
@@ -122,9 +125,53 @@ def _check_prefix(real: str, declared: str, prefixes: tuple[str, ...]) -> None:
         if within(real, protected):
             raise PathPolicyError(f"{declared}: the tool's own config and state are not "
                                   f"writable by bundles{via}")
+        if within(protected, real):
+            raise PathPolicyError(f"{declared}: holds the tool's own config and state "
+                                  f"({protected}); bundles cannot write it{via}")
     if not any(within(real, p) for p in prefixes):
         raise PathPolicyError(f"{declared}: outside this host's allowed prefixes "
                               f"({', '.join(prefixes)}){via}")
+
+
+# The cache key under which resolve_target keeps the protected directories' identity
+# (no directory path is empty).
+_PROTECTED_IDS = ""
+
+
+def _check_not_protected(layout: HostLayout, real_parent: str, declared: str,
+                         cache: dict[str, str] | None) -> None:
+    """Refuse a directory that *is* the tool's config or state directory, or lies in
+    it, under another name: ``/var/lib`` may be a symlink to ``/srv/varlib`` (or a bind
+    mount), and ``/srv`` an allowed prefix. Compared by device and inode, so no
+    spelling gets around it; each existing directory on the way up is looked at."""
+    ids = cache.get(_PROTECTED_IDS) if cache is not None else None
+    if ids is None:
+        found: list[str] = []
+        for protected in PROTECTED:
+            try:
+                st = os.stat(layout.on_disk(_resolve_dir(layout, protected, protected)))
+            except (OSError, PathPolicyError):
+                continue
+            found.append(f"{st.st_dev}:{st.st_ino}")
+        ids = " ".join(found)
+        if cache is not None:
+            cache[_PROTECTED_IDS] = ids
+    if not ids:
+        return
+    protected_ids = ids.split()
+    d = real_parent
+    while True:
+        try:
+            st = os.lstat(layout.on_disk(d))
+        except FileNotFoundError:
+            pass
+        else:
+            if f"{st.st_dev}:{st.st_ino}" in protected_ids:
+                raise PathPolicyError(f"{declared}: the tool's own config and state are not "
+                                      f"writable by bundles ({d} is the same directory)")
+        if d == "/":
+            return
+        d = posixpath.dirname(d)
 
 
 def _resolve_dir(layout: HostLayout, directory: str, declared: str) -> str:

@@ -606,6 +606,28 @@ add("relative-symlink-climbs-out", P, r"through a symlink to /root/.ssh/authoriz
 add("symlink-into-own-state", P, r"the tool's own config and state are not writable by "
     r"bundles \(through a symlink to /var/lib/gitops-apply/current.json\)",
     _with("/srv/state/current.json"), setup=_symlink("/srv/state", "/var/lib/gitops-apply"))
+# A file where a directory holding the tool's config or state is.
+add("file-over-etc", P, r"^gitops-apply: error: /etc: holds the tool's own config and state",
+    _spec(files={"frodo": {"/etc": b"evil\n"}}))
+add("file-over-var-lib", P, r"/var/lib: holds the tool's own config and state "
+    r"\(/var/lib/gitops-apply\)", _with("/var/lib"))
+
+
+def _var_lib_on_srv(c: Ctx) -> None:
+    """A host whose /var/lib lives on /srv (a symlink), so /srv/varlib/gitops-apply is
+    the state directory by another name, under an allowed prefix."""
+    (c.root / "srv").mkdir(exist_ok=True)
+    (c.root / "var/lib").rename(c.root / "srv/varlib")
+    (c.root / "var/lib").symlink_to("../srv/varlib")
+
+
+add("own-state-by-another-name", P, r"/srv/varlib/gitops-apply/config.cache.json: the "
+    r"tool's own config and state are not writable by bundles \(/srv/varlib/gitops-apply "
+    r"is the same directory\)", _with("/srv/varlib/gitops-apply/config.cache.json", b"{}"),
+    setup=_var_lib_on_srv)
+add("inside-own-state-by-another-name", P, r"\(/srv/varlib/gitops-apply/bundles/x is the "
+    r"same directory\)|\(/srv/varlib/gitops-apply is the same directory\)",
+    _with("/srv/varlib/gitops-apply/bundles/x/meta.json", b"{}"), setup=_var_lib_on_srv)
 
 
 # -- the test -----------------------------------------------------------------------------
