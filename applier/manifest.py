@@ -40,12 +40,19 @@ _BUNDLE_ID = re.compile(r"[0-9]{1,19}-[0-9a-f]{12}")
 _MODE = re.compile(r"[0-7]{4}")
 _REF = re.compile(r"refs/[A-Za-z0-9._/-]{1,200}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# In a non-ASCII path: C1 controls (U+0085 NEL, U+009B CSI, ...), the bidirectional
+# overrides and isolates, and the line and paragraph separators, which would reach a
+# terminal or a log verbatim in every message naming the path.
+_UNICODE_CONTROL = re.compile("[\x80-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 # Every top-level manifest field but "hosts" (what ``Manifest._head`` writes).
 _HEAD_FIELDS = frozenset({"format", "bundle_id", "sequence", "created", "expires", "source",
                           "builder", "git", "trust"})
 
 MAX_FILE_SIZE = 1 << 40
+MAX_ID = (1 << 32) - 1  # numeric owner/group ids below this; (uid_t)-1 means "no change"
+# A host path in bytes, so that it fits PATH_MAX (4096, with its NUL) under --root too.
+MAX_PATH_BYTES = 3072
 MAX_COMMAND_TIMEOUT = 86_400
 DriftPolicy = Literal["revert", "report", "ignore"]
 DRIFT_POLICIES: tuple[DriftPolicy, ...] = ("revert", "report", "ignore")
@@ -114,10 +121,14 @@ def check_target_path(path: str, where: str = "path") -> str:
     # The common case (short ASCII paths) needs neither Unicode nor per-component checks:
     # a fleet manifest holds 100,000 paths and this runs on every one.
     if not path.isascii() or len(path) > 255:
+        if _UNICODE_CONTROL.search(path):
+            raise _fail(where, f"{path!r} contains a control or bidirectional character")
         if not unicodedata.is_normalized("NFC", path):
             raise _fail(where, f"{path!r} is not in Unicode NFC form")
         if any(len(part.encode()) > 255 for part in path.split("/")):
             raise _fail(where, f"{path!r} has a component longer than 255 bytes")
+        if len(path.encode()) > MAX_PATH_BYTES:
+            raise _fail(where, f"{path[:80]!r}... is longer than {MAX_PATH_BYTES} bytes")
     return path
 
 
@@ -182,8 +193,11 @@ class FileEntry:
         _str(self.sha256, f"{self.path} sha256", _HEX64)
         _int(self.size, f"{self.path} size", 0, MAX_FILE_SIZE)
         _int(self.mode, f"{self.path} mode", 0, 0o7777)
-        _str(self.owner, f"{self.path} owner", _ACCOUNT)
-        _str(self.group, f"{self.path} group", _ACCOUNT)
+        for what, name in (("owner", self.owner), ("group", self.group)):
+            _str(name, f"{self.path} {what}", _ACCOUNT)
+            # 4294967295 is (uid_t)-1, which chown(2) takes as "leave unchanged".
+            if name[0].isdigit() and int(name) >= MAX_ID:
+                raise _fail(f"{self.path} {what}", f"id {name} is outside 0..{MAX_ID - 1}")
         if self.drift not in DRIFT_POLICIES:
             raise _fail(f"{self.path} drift", f"must be one of {', '.join(DRIFT_POLICIES)}")
 

@@ -138,6 +138,8 @@ def difference(disk_path: str | os.PathLike[str], entry: FileEntry) -> str | Non
         st = os.lstat(disk_path)
     except FileNotFoundError:
         return "missing"
+    except OSError as e:  # a name too long for this root, a directory we may not search
+        raise _fs.io_error(e, f"cannot examine {entry.path}") from e
     if stat.S_ISLNK(st.st_mode):
         return "replaced by a symlink"
     if stat.S_ISDIR(st.st_mode):

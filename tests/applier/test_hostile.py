@@ -227,6 +227,23 @@ add("manifest-bool-as-int", V, r"sequence: must be an integer",
     _resigned(lambda d: d.update(sequence=True)))
 add("manifest-path-not-normalised", V, r"is not normalised",
     _resigned(lambda d: d["hosts"]["frodo"]["files"][0].update(path="/etc/x/../shadow")))
+# A signed manifest's numeric owner that chown(2) would read as "leave unchanged", or
+# one no uid_t holds; a path a terminal would act on, or too long for PATH_MAX.
+add("manifest-owner-is-uid-minus-one", V, r"owner: id 4294967295 is outside 0\.\.4294967294",
+    _resigned(lambda d: d["hosts"]["frodo"]["files"][0].update(owner="4294967295")))
+add("manifest-group-too-large", V, r"group: id 9999999999 is outside",
+    _resigned(lambda d: d["hosts"]["frodo"]["files"][0].update(group="9999999999")))
+def _path_with(char: str) -> Callable[[dict[str, Any]], None]:
+    return lambda d: d["hosts"]["frodo"]["files"][0].update(path=f"/etc/a{char}b.conf")
+
+
+for _name, _char in (("c1-csi", "\x9b"), ("c1-nel", "\x85"), ("bidi-override", "\u202e"),
+                     ("line-separator", "\u2028")):
+    add(f"manifest-path-{_name}", V, r"contains a control or bidirectional character",
+        _resigned(_path_with(_char)))
+add("manifest-path-over-3072-bytes", V, r"is longer than 3072 bytes",
+    _resigned(lambda d: d["hosts"]["frodo"]["files"][0].update(
+        path="/etc/" + "/".join(["\u00e9" * 120] * 14))))
 add("manifest-noncanonical-whitespace", V, r"not in canonical form",
     lambda c: c.signed(c.new.manifest().to_bytes().replace(b'","', b'", "', 1), c.key))
 
