@@ -29,6 +29,7 @@ from bundler.build import (
 from bundler.errors import BuildError
 from bundler.signing import PASSPHRASE_ENV, load_signing_key, passphrase_for
 from bundler.wheelhouse import wheelhouse_cmd
+from bundler.writer import regular_or_absent
 
 PROG = "gitops-bundle"
 
@@ -44,7 +45,9 @@ def cli(verbose: bool) -> None:
 
 class _OutputFile(click.Path):
     """A bundle file to write: not a directory, nor named like one (``bundles/`` would
-    otherwise be written as a file called ``bundles``)."""
+    otherwise be written as a file called ``bundles``), and if it exists, a regular
+    file: the bundle replaces it by rename, which would replace ``/dev/null`` (run as
+    root, "just check it builds") or a FIFO with a file."""
 
     def __init__(self) -> None:
         super().__init__(dir_okay=False, path_type=Path)
@@ -53,7 +56,21 @@ class _OutputFile(click.Path):
                 ctx: click.Context | None) -> Any:
         if isinstance(value, str) and value.endswith("/"):
             self.fail(f"{value!r} names a directory: give the bundle's file name", param, ctx)
-        return super().convert(value, param, ctx)
+        path = super().convert(value, param, ctx)
+        if isinstance(path, Path) and not regular_or_absent(path):
+            self.fail(f"{str(value)!r} exists and is not a regular file", param, ctx)
+        return path
+
+
+def _not_the_key(out: Path | None, key_path: Path) -> None:
+    """The bundle must not be written over the private key that signs it."""
+    try:
+        same = out is not None and out.exists() and out.samefile(key_path)
+    except OSError:
+        same = False
+    if same:
+        raise click.BadParameter(f"{str(out)!r} is the signing key (--key)",
+                                 param_hint="'-o' / '--output'")
 
 
 @cli.command("build")
@@ -86,6 +103,7 @@ def build_cmd(repo: Path, rev: str, subpath: str, key_path: Path, out: Path,
     """Turn one commit of REPO into one signed, reproducible bundle."""
     if trust_update is None and (reset_sequence or trust_threshold != 1):
         raise click.UsageError("--trust-threshold and --reset-sequence need --trust-update")
+    _not_the_key(out, key_path)
     trust = (load_trust_update(trust_update, trust_threshold, reset_sequence)
              if trust_update is not None else None)
     key = load_signing_key(key_path, passphrase_for(key_path))
@@ -119,6 +137,7 @@ def _duration(value: str | None) -> int | None:
               help="Write here instead of replacing BUNDLE.")
 def sign_cmd(bundle: Path, key_path: Path, out: Path | None) -> None:
     """Add a signature to BUNDLE without changing its manifest (k-of-n co-signing)."""
+    _not_the_key(out or bundle, key_path)
     key = load_signing_key(key_path, passphrase_for(key_path))
     m = add_signature(bundle, key, out or bundle)
     click.echo(f"signed bundle {m.bundle_id} with {key.fingerprint} -> {out or bundle}")

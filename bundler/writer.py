@@ -16,6 +16,7 @@ import gzip
 import itertools
 import os
 import secrets
+import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -136,6 +137,17 @@ def _in_memory(name: str, data: bytes) -> Member:
     return Member(name, len(data), lambda: (data,))
 
 
+def regular_or_absent(path: Path) -> bool:
+    """Whether a bundle may be renamed over ``path``: nothing is there, or a regular
+    file (a symlink counts as what it points to; the link itself is replaced)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:  # nothing there, or a dangling link (which is replaced)
+        return True
+    except OSError:
+        return True  # unreadable or too long a name: the write says why
+
+
 def write_tar(out: Path, manifest: bytes | Member, signature_bytes: bytes,
               members: Iterable[Member], mtime: int, compression: str,
               progress: Callable[[int], None] | None = None,
@@ -170,6 +182,8 @@ def write_tar(out: Path, manifest: bytes | Member, signature_bytes: bytes,
             os.fsync(raw.fileno())
         if check is not None:
             check(tmp)
+        if not regular_or_absent(out):
+            raise OutputError(f"cannot write {out}: it exists and is not a regular file")
         os.replace(tmp, out)
         _fs.fsync_dir(out.parent)
         return out.stat().st_size

@@ -7,7 +7,10 @@ to that form, and ``--expires`` that is not a duration is one of them.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -64,3 +67,36 @@ def test_a_valid_expiry_reaches_the_manifest(
     capsys.readouterr()
     assert bundler_cli.main(["inspect", str(out), "--json"]) == 0
     assert '"expires": 2000007200' in capsys.readouterr().out
+
+
+def test_output_that_is_not_a_regular_file_or_is_the_key_is_refused(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The bundle replaces its output by rename: ``-o /dev/null`` run as root would
+    replace the device, and ``-o`` naming the key would replace the only copy of it."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    null_link = tmp_path / "null"
+    null_link.symlink_to("/dev/null")
+    key = tmp_path / "ops"
+    shutil.copy2(signing_key.private, key)
+    key_bytes = key.read_bytes()
+    for out, message in ((fifo, r"'.*/fifo' exists and is not a regular file"),
+                         (null_link, r"'.*/null' exists and is not a regular file"),
+                         (key, r"'.*/ops' is the signing key \(--key\)")):
+        code = bundler_cli.main(["build", str(fleet_repo), "--key", str(key), "-o", str(out)])
+        err = capsys.readouterr().err
+        assert code == ExitCode.USAGE, err
+        assert len(err.splitlines()) == 1, err
+        assert re.search(message, err), err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert null_link.is_symlink()
+    assert key.read_bytes() == key_bytes
+    bundle = tmp_path / "b.tar"
+    assert bundler_cli.main(["build", str(fleet_repo), "--key", str(key), "-o",
+                             str(bundle)]) == 0
+    capsys.readouterr()
+    assert bundler_cli.main(["sign", str(bundle), "--key", str(key), "-o", str(key)]) \
+        == ExitCode.USAGE
+    assert "is the signing key" in capsys.readouterr().err
+    assert key.read_bytes() == key_bytes
