@@ -150,6 +150,10 @@ class NoRollbackTargetError(StateError):
     """There is no retained bundle to roll back to."""
 
 
+class StoreDamagedError(StateError):
+    """A content-store file no longer has the SHA-256 it is stored under (set aside)."""
+
+
 class HostIOError(ApplierError):
     """The filesystem refused: disk full, permission denied, read-only."""
 

@@ -48,7 +48,7 @@ from typing import Any
 
 from applier import _faults, _fs
 from applier.commands import CommandResult, unique
-from applier.errors import DigestMismatchError, HostIOError, StateError
+from applier.errors import HostIOError, StateError, StoreDamagedError
 from applier.manifest import Command
 from applier.paths import HostLayout
 from applier.plan import Plan, ids_for
@@ -253,7 +253,14 @@ class Transaction:
                 os.fchown(fout.fileno(), uid, gid)
             os.fchmod(fout.fileno(), mode)
         if not fresh and h.hexdigest() != sha256:
-            raise DigestMismatchError(f"{src}: stored content does not match {sha256}")
+            # The store, not the bundle, is at fault: set the copy aside so the next
+            # apply of a bundle carrying this content reads it from the payload again
+            # (a deferred, not a rejected, bundle under watch).
+            damaged = Path(src).with_name(f"{sha256}.damaged")
+            os.replace(src, damaged)
+            raise StoreDamagedError(f"{src}: stored content does not match its SHA-256 "
+                                    f"(damaged on disk, moved to {damaged.name}); apply a "
+                                    "bundle that carries it to restore it")
 
     def _fsync_dirs(self, paths: list[str]) -> None:
         for d in sorted({str(Path(p).parent) for p in paths}):

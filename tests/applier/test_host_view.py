@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from applier.apply import Host
-from applier.errors import DigestMismatchError, ExitCode, ManifestError, VerificationError
+from applier.errors import (
+    DigestMismatchError,
+    ExitCode,
+    ManifestError,
+    StateError,
+    VerificationError,
+)
 from applier.manifest import Manifest, canonical_json
 from applier.state import State
 
@@ -213,3 +219,28 @@ def test_reapplying_the_current_bundle_reuses_the_view_it_kept(
     view.write_text(json.dumps({**rest, "host": "frodo", "manifest_sha256": "0" * 64}))
     assert Host(root).apply(bundle).noop
     assert parsed == ["frodo", "frodo"]
+
+
+def test_a_damaged_store_file_is_set_aside_and_the_next_apply_heals_it(
+        root: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    """Bit rot in the content store is the host's fault, not the bundle's: a host-state
+    error (exit 9: watch defers, never rejects), the damaged copy set aside, and the
+    same bundle applied again reads that content from its payload."""
+    content = b"shared content\n"
+    digest = hashlib.sha256(content).hexdigest()
+    host = Host(root)
+    host.apply(BundleSpec({"frodo": {"/etc/a.conf": content}}, sequence=1,
+                          commit="1" * 40).write(tmp_path / "b1.tar", signing_key))
+    host.state.object_path(digest).write_bytes(b"shared c0ntent\n")
+    b2 = BundleSpec({"frodo": {"/etc/a.conf": content, "/etc/b.conf": content}},
+                    sequence=2, commit="2" * 40).write(tmp_path / "b2.tar", signing_key)
+    before = snapshot(root / "etc")
+    with pytest.raises(StateError, match="damaged on disk") as e:
+        host.apply(b2)
+    assert e.value.exit_code == ExitCode.HOST_CONFIG
+    assert snapshot(root / "etc") == before
+    assert not host.state.has_object(digest)
+    report = host.apply(b2)
+    assert report.payload_read
+    assert (root / "etc/b.conf").read_bytes() == content
+    assert hashlib.sha256(host.state.object_path(digest).read_bytes()).hexdigest() == digest
