@@ -615,7 +615,7 @@ class _Renderer:
             auto_reload=False,
             cache_size=-1,
         )
-        self._env.filters["quote"] = shlex.quote
+        self._env.filters["quote"] = _quote
         self._inline: dict[str, jinja2.Template] = {}
         self._all_hosts = list(job.config.hosts)
         # One FileEntry per distinct (spec, dest, content, commands): most files (every
@@ -730,7 +730,7 @@ class _Renderer:
             digest, size = static[source.oid]
         commands = {
             name: tuple(
-                Command(run=self._inline_render(c.run, fspec, f"{name}[{i}]", host, context),
+                Command(run=self._command_text(c.run, fspec, f"{name}[{i}]", host, context),
                         timeout=c.timeout, retries=c.retries, delay=c.delay)
                 for i, c in enumerate(getattr(fspec, name))
             )
@@ -759,6 +759,18 @@ class _Renderer:
             raise
         except Exception as e:  # templates are user code: any error is theirs
             raise self._error(e, host, display) from e
+
+    def _command_text(self, text: str, fspec: FileSpec, key: str, host: str,
+                      context: dict[str, Any]) -> str:
+        """A command as rendered for ``host``, split here as the host will split it:
+        an unbalanced quote fails the build, not the apply on the far side of the gap."""
+        run = self._inline_render(text, fspec, key, host, context)
+        try:
+            shlex.split(run)
+        except ValueError as e:
+            raise RepoConfigError(f"{fspec.where(key)}: {run!r} (host {host}) cannot be "
+                                  f"split into arguments: {str(e).lower()}") from e
+        return run
 
     def _inline_render(self, text: str, fspec: FileSpec, key: str, host: str,
                        context: dict[str, Any]) -> str:
@@ -798,6 +810,11 @@ class _Renderer:
         else:
             what = f"{type(e).__name__}: {e}"
         return TemplateRenderError(f"{where}: {what} (host {host})")
+
+
+def _quote(value: Any) -> str:
+    """The ``quote`` filter: shell quoting of any value's text (a port is a number)."""
+    return shlex.quote(str(value))
 
 
 def _is_template_text(text: str) -> bool:

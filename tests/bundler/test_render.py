@@ -463,6 +463,28 @@ def test_undefined_in_a_command(fleet: FleetRepo) -> None:
         render(fleet)
 
 
+@pytest.mark.parametrize("run", ["grep -q 'hello {path}", "echo {{ '\"' }}unbalanced"],
+                         ids=["as-written", "as-rendered"])
+def test_a_command_the_host_cannot_split_fails_the_build(fleet: FleetRepo, run: str) -> None:
+    """The host splits each command with shlex; one it cannot split must fail here, not
+    after the stick crossed the air gap."""
+    fleet.replace("gitops.yaml", "systemctl restart {{ app_name }}.service", run)
+    fleet.commit()
+    line = line_in(fleet, "gitops.yaml", run)
+    with pytest.raises(RepoConfigError,
+                       match=rf"^gitops\.yaml:{line}: files\[5\]\.on_change\[1\]: .* \(host "
+                             r"frodo\) cannot be split into arguments: no closing quotation$"):
+        render(fleet)
+
+
+def test_the_quote_filter_takes_numbers(fleet: FleetRepo) -> None:
+    fleet.write("templates/q.j2", "{{ 8080 | quote }} {{ 'a b' | quote }}\n")
+    fleet.replace("gitops.yaml", "files:\n", "files:\n  - src: templates/q.j2\n"
+                  "    dest: /etc/q\n")
+    fleet.commit()
+    assert text_of(render(fleet), "camelot", "/etc/q") == "8080 'a b'\n"
+
+
 # -- many hosts, several processes --------------------------------------------------------
 
 
