@@ -617,6 +617,7 @@ class _Renderer:
         )
         self._env.filters["quote"] = _quote
         self._inline: dict[str, jinja2.Template] = {}
+        self._splittable: set[str] = set()  # rendered commands shlex has split
         self._all_hosts = list(job.config.hosts)
         # One FileEntry per distinct (spec, dest, content, commands): most files (every
         # static one with a plain dest) are equal for every host, so a host reuses the
@@ -765,11 +766,13 @@ class _Renderer:
         """A command as rendered for ``host``, split here as the host will split it:
         an unbalanced quote fails the build, not the apply on the far side of the gap."""
         run = self._inline_render(text, fspec, key, host, context)
-        try:
-            shlex.split(run)
-        except ValueError as e:
-            raise RepoConfigError(f"{fspec.where(key)}: {run!r} (host {host}) cannot be "
-                                  f"split into arguments: {str(e).lower()}") from e
+        if run not in self._splittable:  # most commands read the same for every host
+            try:
+                shlex.split(run)
+            except ValueError as e:
+                raise RepoConfigError(f"{fspec.where(key)}: {run!r} (host {host}) cannot be "
+                                      f"split into arguments: {str(e).lower()}") from e
+            self._splittable.add(run)
         return run
 
     def _inline_render(self, text: str, fspec: FileSpec, key: str, host: str,
