@@ -143,8 +143,16 @@ def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> Iterator[_Se
         result.item_lines.append(item.start_mark.line + 1)
 
 
+def _refuse_set(loader: _LineLoader, node: yaml.Node) -> None:
+    # A set's order follows Python's string hashing, which changes from run to run:
+    # two builds of one commit would differ.
+    raise RepoConfigError(f"{loader.display}:{node.start_mark.line + 1}: a !!set has no "
+                          "fixed order (bundles must be reproducible): use a list")
+
+
 _LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 _LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+_LineLoader.add_constructor("tag:yaml.org,2002:set", _refuse_set)
 
 
 def load_yaml(data: bytes | str, path: str) -> Any:
@@ -170,13 +178,29 @@ def load_yaml(data: bytes | str, path: str) -> Any:
         loader.dispose()
 
 
-def _plain(value: Any) -> Any:
-    """Drop the line bookkeeping: templates and worker processes get plain data."""
+def _plain(value: Any, memo: dict[int, Any] | None = None) -> Any:
+    """Drop the line bookkeeping: templates and worker processes get plain data.
+
+    A YAML alias is one object however often it is referred to, and stays one here
+    (``memo``; ``copy.deepcopy`` and pickle keep the sharing too): a few hundred bytes
+    of nested aliases (a "billion laughs") would otherwise expand to gigabytes. The
+    loader already refuses a recursive alias.
+    """
+    if not isinstance(value, (dict, list)):
+        return value
+    memo = {} if memo is None else memo
+    done = memo.get(id(value))
+    if done is not None:
+        return done
+    out: Any
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+        out = memo[id(value)] = {}
+        for k, v in value.items():
+            out[k] = _plain(v, memo)
+    else:
+        out = memo[id(value)] = []
+        out.extend(_plain(v, memo) for v in value)
+    return out
 
 
 # -- a cursor that knows where a value came from --------------------------------------

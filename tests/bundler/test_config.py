@@ -339,3 +339,22 @@ def test_jsonschema_is_not_a_runtime_dependency() -> None:
     code = ("import sys, bundler.config, bundler.render; "
             "sys.exit('jsonschema' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_yaml_set_is_refused_it_has_no_fixed_order() -> None:
+    text = BASE.replace("  site: hq\n", "  site: hq\n  allowed: !!set {alpha, beta, gamma}\n", 1)
+    with pytest.raises(RepoConfigError, match=r"^gitops\.yaml:4: a !!set has no fixed order"):
+        RepoConfig.parse(text)
+
+
+def test_nested_aliases_stay_shared_not_expanded() -> None:
+    """A "billion laughs" in gitops.yaml: each level of nine-way aliases multiplies
+    the values by nine if expanded (nine levels: 387 million); shared, a few dozen
+    objects. Seven levels here, so that without the sharing this fails, not the host."""
+    levels = ["  a0: &a0 [l, l, l, l, l, l, l, l, l]\n"] + [
+        f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 7)]
+    config = RepoConfig.parse(BASE.replace("  site: hq\n", "  site: hq\n" + "".join(levels), 1))
+    for host in ("frodo", "camelot"):
+        bomb = config.vars_for(host)["a6"]
+        assert len(bomb) == 9
+        assert all(part is bomb[0] for part in bomb)  # one object, referred to nine times
