@@ -23,6 +23,7 @@ from applier.manifest import DRIFT_POLICIES, DriftPolicy, check_target_path
 DEFAULT_PREFIXES: tuple[str, ...] = ("/etc", "/opt", "/usr/local", "/srv", "/var/lib")
 # The tool's own config and state: no bundle may write there, whatever the prefixes say.
 PROTECTED: tuple[str, ...] = ("/etc/gitops-apply", "/var/lib/gitops-apply")
+_MERGE = "tag:yaml.org,2002:merge"
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # The parse cache (HostConfig.load_cached) is valid for one release's meaning of the keys.
 _CACHE_VERSION = f"{__version__}/1"
@@ -76,7 +77,7 @@ class HostConfig:
             raise HostConfigError(f"{source}: must be a mapping")
         unknown = d.keys() - _KEYS
         if unknown:
-            raise HostConfigError(f"{source}: unknown key {sorted(unknown)[0]!r}")
+            raise HostConfigError(f"{source}: unknown key {sorted(unknown, key=str)[0]!r}")
         if "host" not in d:
             raise HostConfigError(f"{source}: missing key 'host'")
         prefixes = d.get("allowed_prefixes", list(DEFAULT_PREFIXES))
@@ -129,8 +130,24 @@ class HostConfig:
         # (history, --help), or read it from the cache (load_cached), need not pay it.
         import yaml  # noqa: PLC0415
 
+        class _Loader(yaml.SafeLoader):
+            """safe_load that refuses a key given twice: PyYAML keeps the last one, so
+            a second 'threshold: 1' below 'threshold: 2' would silently lower k-of-n."""
+
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                first: dict[str, int] = {}
+                for key_node, _ in node.value:
+                    if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE:
+                        line = key_node.start_mark.line + 1
+                        if key_node.value in first:
+                            raise HostConfigError(
+                                f"{path}:{line}: duplicate key {key_node.value!r} (first at "
+                                f"line {first[key_node.value]})")
+                        first[key_node.value] = line
+                return super().construct_mapping(node, deep)
+
         try:
-            data = yaml.safe_load(raw.decode("utf-8"))
+            data = yaml.load(raw.decode("utf-8"), Loader=_Loader)  # noqa: S506 - a SafeLoader
         except UnicodeDecodeError as e:
             raise HostConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
         except yaml.YAMLError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,24 @@ def test_config_that_is_not_utf8_is_one_line_error(
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1, err
     assert "config.yaml: not UTF-8" in err[0]
+
+
+@pytest.mark.parametrize(("append", "message"), [
+    ("threshold: 1\n", r"config\.yaml:\d+: duplicate key 'threshold' \(first at line \d+\)"),
+    ("1: x\nfoo: y\n", r"config\.yaml: unknown key 1"),
+], ids=["duplicate-key", "unknown-keys-of-two-types"])
+def test_config_mistakes_are_one_line_errors(
+        root: Path, capsys: pytest.CaptureFixture[str], append: str, message: str) -> None:
+    """A second 'threshold: 1' appended below 'threshold: 2' must not silently lower
+    k-of-n (PyYAML keeps the last of two keys)."""
+    edit(root, "threshold: 1", "threshold: 2")
+    config = HostLayout(root).config_file
+    config.write_text(config.read_text() + append)
+    capsys.readouterr()
+    assert main(["--root", str(root), "status"]) == ExitCode.HOST_CONFIG
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert re.search(message, err[0]), err
 
 
 def test_host_uses_the_cached_config(root: Path) -> None:
