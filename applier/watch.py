@@ -166,7 +166,7 @@ class Watcher:
                 if prev is None or (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
                     self._sightings[path] = Sighting(st.st_size, st.st_mtime_ns, now)
                     prev = self._sightings[path]
-                    stable = False
+                    stable = self.settle <= 0  # "--settle 0": take it as it is
                 else:
                     stable = now - prev.first_seen >= self.settle
                 if stable or (inbox / (name + DONE)).exists():

@@ -171,6 +171,14 @@ def test_read_only_inbox_keeps_the_reason_in_the_state_dir(
     assert Watcher(Host(root), [inbox], settle=0.0).run(0.05, once=True) == []
 
 
+def test_settle_zero_takes_a_bundle_without_done_marker_at_once(
+        root: Path, inbox: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    (inbox / "b1.tar").write_bytes(bundle(tmp_path, signing_key, 1).read_bytes())
+    [o] = Watcher(Host(root), [inbox], settle=0.0).run(0.05, once=True)
+    assert o.result == "applied"
+    assert motd(root) == b"motd 1\n"
+
+
 def test_missing_inbox_is_waited_for(root: Path, tmp_path: Path) -> None:
     assert Watcher(Host(root), [tmp_path / "not-mounted"], settle=0.0).run(
         0.05, once=True) == []
