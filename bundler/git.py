@@ -74,8 +74,14 @@ def _env(*, isolated: bool = False) -> dict[str, str]:
 
 
 def _first_line(data: bytes) -> str:
-    text = data.decode("utf-8", "replace").strip()
-    return text.splitlines()[-1] if text else "no message"
+    """git's reason: its first 'fatal:' or 'error:' line (a hint may follow it: for a
+    repository owned by someone else the last line is the safe.directory command,
+    and the cause, 'detected dubious ownership', comes first); else its last line."""
+    lines = data.decode("utf-8", "replace").strip().splitlines()
+    for line in lines:
+        if line.startswith(("fatal: ", "error: ")):
+            return line.split(": ", 1)[1]
+    return lines[-1] if lines else "no message"
 
 
 def _check_oid(oid: str) -> str:
@@ -155,7 +161,7 @@ class GitRepo:
         if not self.path.is_dir():
             raise GitError(f"{self.path}: no such directory")
         # Fails early and clearly instead of on the first real command.
-        self._git("rev-parse", "--git-dir", what=f"{self.path}: not a git repository")
+        self._git("rev-parse", "--git-dir", what=f"{self.path}: cannot open as a git repository")
 
     def __repr__(self) -> str:
         return f"GitRepo({str(self.path)!r})"

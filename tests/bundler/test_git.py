@@ -15,6 +15,8 @@ from applier.errors import ExitCode
 from bundler.errors import BuildError, GitError
 from bundler.git import GitRepo, normalise_subpath
 
+from conftest import _unavailable
+
 # -- the tests ------------------------------------------------------------------------
 
 
@@ -38,6 +40,18 @@ def test_not_a_repository(tmp_path: Path) -> None:
         GitRepo(tmp_path)
     with pytest.raises(GitError, match="no such directory"):
         GitRepo(tmp_path / "missing")
+
+
+def test_a_repository_owned_by_someone_else_names_the_cause(
+        fleet: FleetRepo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """git's first 'fatal:' line is the cause; its last line is only a hint (the
+    safe.directory command), which alone reads as 'not a git repository: git config'."""
+    if os.geteuid() != 0:
+        _unavailable("giving the repository to another user needs root")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)  # no safe.directory=* from home
+    os.chown(fleet.path, 65534, 65534)
+    with pytest.raises(GitError, match="detected dubious ownership"):
+        GitRepo(fleet.path).resolve("HEAD")
 
 
 def test_resolve_names_full_commit_ids(fleet: FleetRepo, repo: GitRepo) -> None:
