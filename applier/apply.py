@@ -170,6 +170,9 @@ class Host:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
+        # The config first: on a host never initialised (or with a broken config.yaml)
+        # a command says so and creates nothing, not even the lock file.
+        _ = self.config
         with locked(self.layout, self.lock_wait), accounts_cached():
             yield
             # A config.yaml parsed by an operation that succeeded under the lock is

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from applier import _log
 from applier.apply import Host, Report, describe_signer, init_host
 from applier.bundle import reporting_progress
-from applier.errors import ApplierError, ExitCode
+from applier.errors import ApplierError, ExitCode, HostConfigError
 from applier.verify import VerifiedManifest
 
 if TYPE_CHECKING:
@@ -429,6 +429,10 @@ def _metrics_target(host: Host, explicit: Path | None) -> Path | None:
 
 def _write_metrics(args: argparse.Namespace, explicit: Path | None) -> None:
     host = _host(args)
+    try:
+        _ = host.config
+    except HostConfigError:
+        return  # the command itself failed on it and said so: one line, not two
     try:
         path = _metrics_target(host, explicit or args.global_metrics)
         if path is not None:

@@ -95,3 +95,21 @@ def test_version_names_the_tool_and_its_version() -> None:
     assert proc.returncode == 0
     assert proc.stdout.startswith("gitops-apply, version ")
     assert proc.stdout.split()[-1][0].isdigit()
+
+
+@pytest.mark.parametrize("args", [
+    ("apply", "BUNDLE"), ("rollback",), ("drift",), ("drift", "--fix"), ("recover",),
+    ("status",), ("verify", "BUNDLE"),
+], ids=lambda a: "-".join(a).lower())
+def test_a_host_never_initialised_is_one_line_exit_9_and_nothing_created(
+        tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str],
+        args: tuple[str, ...]) -> None:
+    root = tmp_path / "fresh"
+    root.mkdir()
+    argv = [str(bundle) if a == "BUNDLE" else a for a in args]
+    code, out, err = run(capsys, "--root", str(root), *argv)
+    assert code == ExitCode.HOST_CONFIG, (out, err)
+    expected = (f"gitops-apply: error: {root}/etc/gitops-apply/config.yaml: host not "
+                "initialised (run: gitops-apply init --host NAME --allowed-signers FILE)")
+    assert err.splitlines() == [expected]
+    assert list(root.iterdir()) == []
