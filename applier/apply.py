@@ -142,8 +142,8 @@ class Host:
     def __init__(self, root: Path, clock: Callable[[], float] = time.time,
                  lock_wait: float = 0.0) -> None:
         self.layout = HostLayout(root)
-        self.state = State(self.layout)
         self.clock = clock
+        self.state = State(self.layout, clock)
         self.lock_wait = lock_wait
         self._config: HostConfig | None = None
         self._config_digest: str | None = None  # parsed from YAML, not yet in the cache

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +70,10 @@ class Retained:
     applied_at: int
     sequence: int | None = None
     commit: str | None = None
+    # Its place in the order bundles were applied: a counter, not a clock, so a clock
+    # set back (an RTC reset) cannot make prune drop the bundle applied just before the
+    # current one. 0 for bundles retained before the counter existed (oldest first).
+    order: int = 0
 
     @property
     def manifest_bytes(self) -> bytes:
@@ -118,8 +122,9 @@ def _host_part(directory: Path, host: str) -> HostEntry | None:
 class State:
     """Read and write the host's state directory."""
 
-    def __init__(self, layout: HostLayout) -> None:
+    def __init__(self, layout: HostLayout, clock: Callable[[], float] = time.time) -> None:
         self.layout = layout
+        self.clock = clock  # the host's (Host.clock), so tests can set it back
 
     def ensure(self) -> None:
         for d in (self.layout.state_dir, self.layout.bundles, self.layout.objects,
@@ -158,7 +163,9 @@ class State:
         view = {"manifest_sha256": verified.manifest_sha256, "host": host,
                 **manifest.view_rest()}
         _fs.atomic_write(d / "view.json", canonical_json(view), 0o600, fault="retain-view")
-        meta = {"applied_at": int(time.time()), "applied_ns": time.time_ns(),
+        order = max((r.order for r in self.retained()), default=0) + 1
+        now = self.clock()
+        meta = {"applied_at": int(now), "applied_ns": int(now * 1e9), "order": order,
                 "sequence": manifest.sequence, "commit": manifest.source.commit}
         # meta.json last: a retained bundle without it is incomplete and ignored.
         _fs.atomic_write(d / "meta.json", _dumps(meta), 0o600, fault="retain-meta")
@@ -185,8 +192,8 @@ class State:
             return None
 
     def retained(self) -> list[Retained]:
-        """Every retained bundle, oldest applied first."""
-        out: list[tuple[int, Retained]] = []
+        """Every retained bundle, oldest applied first (by ``order``, then the clock)."""
+        out: list[tuple[tuple[int, int], Retained]] = []
         if not self.layout.bundles.is_dir():
             return []
         for d in self.layout.bundles.iterdir():
@@ -194,10 +201,10 @@ class State:
                 meta = json.loads((d / "meta.json").read_bytes())
                 if not (d / "manifest.json").is_file() or not (d / "manifest.json.sig").is_file():
                     raise FileNotFoundError(d)
-                out.append((meta.get("applied_ns", 0), Retained(
-                    d.name, d, int(meta["applied_at"]), meta.get("sequence"),
-                    meta.get("commit"))))
-            except (OSError, ValueError, KeyError):
+                out.append(((int(meta.get("order", 0)), int(meta.get("applied_ns", 0))),
+                            Retained(d.name, d, int(meta["applied_at"]), meta.get("sequence"),
+                                     meta.get("commit"), int(meta.get("order", 0)))))
+            except (OSError, ValueError, KeyError, TypeError):
                 # A half-written retained bundle (crash before commit) is not one.
                 logger.debug("ignoring incomplete retained bundle %s", d.name)
         return [r for _, r in sorted(out, key=lambda t: t[0])]

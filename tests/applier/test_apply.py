@@ -6,6 +6,7 @@ import grp
 import json
 import os
 import pwd
+import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,29 @@ def test_retention_keeps_the_last_n_and_rollback_to_any_of_them(
     assert read(root, SITE) == b"server { listen 8003; }\n"
     with pytest.raises(StateError, match="no retained bundle"):
         host.rollback(to="1-")
+
+
+def test_retention_follows_the_order_of_applies_not_the_clock(
+        tmp_path: Path, signing_key: KeyPair, systemctl: Systemctl,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RTC battery dies between two applies and the clock reads 1970: the bundle
+    applied just before the current one is still the one kept, and rollback's target.
+    (The host's clock is handed to Host; the process's is set back too, for any code
+    that would read it behind the host's back.)"""
+    root = tmp_path / "frodo"
+    init_host(root, "frodo", write_allowed_signers(tmp_path / "allowed_signers", signing_key),
+              retain=2)
+    clock = [1_800_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    monkeypatch.setattr(time, "time_ns", lambda: int(clock[0] * 1e9))
+    for seq, then in ((1, 1_800_000_000.0), (2, 1_800_001_000.0), (3, 100.0), (4, 200.0)):
+        clock[0] = then
+        Host(root, clock=lambda: clock[0]).apply(
+            spec(seq, site=f"server {{ listen {8000 + seq}; }}\n".encode())
+            .write(tmp_path / f"b{seq}.tar", signing_key))
+    host = Host(root, clock=lambda: clock[0])
+    assert [r["sequence"] for r in host.status()["retained"]] == [3, 4]
+    assert host.rollback().bundle_id == spec(3).manifest().bundle_id
 
 
 def test_host_keeps_its_part_of_retained_bundles_and_reads_older_state(
