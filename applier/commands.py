@@ -103,25 +103,59 @@ def _run_once(cmd: Command, values: Mapping[str, str],
     except OSError as e:
         return CommandResult(cmd.run, None, f"cannot run {argv[0]!r}: {e.strerror}",
                              time.monotonic() - start)
+    tail = bytearray()
     try:
-        stdout, _ = proc.communicate(timeout=cmd.timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        try:
-            stdout, _ = proc.communicate(timeout=KILL_GRACE)
-        except subprocess.TimeoutExpired:  # a child that left the group holds the pipe
-            stdout = b""
-        out = _text(stdout) + f"\ntimed out after {cmd.timeout}s (killed)"
-        logger.warning("%s: timed out after %ss, killed", cmd.run, cmd.timeout)
-        return CommandResult(cmd.run, None, out.strip(), time.monotonic() - start)
+        if not _collect(proc, tail, start + cmd.timeout):
+            _kill_group(proc)
+            # A child that left the group may hold the pipe: give up on it after a grace.
+            _collect(proc, tail, time.monotonic() + KILL_GRACE)
+            out = _text(bytes(tail)) + f"\ntimed out after {cmd.timeout}s (killed)"
+            logger.warning("%s: timed out after %ss, killed", cmd.run, cmd.timeout)
+            proc.wait()
+            return CommandResult(cmd.run, None, out.strip(), time.monotonic() - start)
     except BaseException:
         _kill_group(proc)
         proc.wait()
         raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+    stdout = bytes(tail)
     result = CommandResult(cmd.run, proc.returncode, _text(stdout),
                            time.monotonic() - start)
     logger.debug("ran %s -> %s", cmd.run, proc.returncode)
     return result
+
+
+def _collect(proc: subprocess.Popen[bytes], tail: bytearray, deadline: float) -> bool:
+    """Read the command's output into ``tail``, keeping only its last ``MAX_OUTPUT``
+    bytes (a chatty ``nginx -T`` or a looping health check must not grow the applier
+    towards the OOM killer mid-transaction), until it exits; False at ``deadline``."""
+    import selectors  # noqa: PLC0415 - with subprocess, see _run_once
+    import subprocess  # noqa: PLC0415
+
+    if proc.stdout is None:
+        raise RuntimeError("internal: a command started without an output pipe")
+    fd = proc.stdout.fileno()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if not sel.select(left):
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            tail += chunk
+            if len(tail) > 2 * MAX_OUTPUT:
+                del tail[:-MAX_OUTPUT]
+    try:
+        proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:  # closed its output, still running
+        return False
+    return True
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,28 @@ def test_timed_out_command_is_killed_with_its_children(tmp_path: Path) -> None:
     while not _gone(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _gone(child), f"sleep {child} survived its command's timeout"
+
+
+@pytest.mark.parametrize("timeout", [30, 1], ids=["exits", "times-out"])
+def test_a_chatty_command_costs_its_last_output_not_all_of_it(timeout: int) -> None:
+    """100 MB of output (``nginx -T`` on a big config, a looping health check) is read
+    as it comes and only its tail kept: memory stays flat whether it ends or is killed."""
+    run = ("sh -c 'head -c 100000000 /dev/zero | tr \\\\0 x; echo; echo the end'" if timeout > 1
+           else "sh -c 'while :; do head -c 1000000 /dev/zero | tr \\\\0 y; done'")
+    tracemalloc.start()
+    try:
+        result = commands.run(Command(run, timeout=timeout), {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak} bytes held for a command's output"
+    assert len(result.output) <= commands.MAX_OUTPUT + 100
+    if timeout > 1:
+        assert result.ok
+        assert result.output.endswith("xxx\nthe end\n")
+    else:
+        assert "timed out after 1s" in result.reason
+        assert "yyyy" in result.output
 
 
 def test_hanging_validate_fails_the_apply_at_its_timeout(
