@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 IN_CHUNK = 256 << 10
 OUT_CHUNK = 256 << 10
 AHEAD = 8
+MAX_EMPTY_MEMBERS = 64
 _GZIP = 16 + zlib.MAX_WBITS  # zlib parses the gzip header and checks the trailer
 
 _ZLIB_WORDS = {
@@ -50,6 +51,7 @@ def _clear(e: zlib.error) -> zlib.error:
 def inflate(raw: BinaryIO) -> Iterator[bytes]:
     """The decompressed bytes of a gzip stream, in chunks of at most ``OUT_CHUNK``."""
     member: Any = None  # the zlib decompressor of the member being read
+    empty = 0  # members in a row that inflated to nothing (the current one included)
     while data := raw.read(IN_CHUNK):
         while data:
             if member is None:
@@ -57,10 +59,12 @@ def inflate(raw: BinaryIO) -> Iterator[bytes]:
                 if not data:
                     break
                 member = zlib.decompressobj(_GZIP)
+                empty += 1
             try:
                 out = member.decompress(data, OUT_CHUNK)
                 while True:
                     if out:
+                        empty = 0
                         yield out
                     # Output stops at OUT_CHUNK: the rest waits as unconsumed input
                     # or inside zlib; ask until a call returns less than a chunk. At
@@ -72,6 +76,12 @@ def inflate(raw: BinaryIO) -> Iterator[bytes]:
             except zlib.error as e:
                 raise _clear(e) from None
             if member.eof:
+                if empty > MAX_EMPTY_MEMBERS:
+                    # Each costs a decompressor and yields no byte, so no byte budget
+                    # stops them: a stick full of 20-byte members would hold the lock
+                    # for many minutes. A builder never writes even one.
+                    raise zlib.error(f"more than {MAX_EMPTY_MEMBERS} empty gzip members "
+                                     "in a row")
                 data = member.unused_data
                 member = None
             else:

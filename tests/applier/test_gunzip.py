@@ -58,6 +58,20 @@ def test_a_truncated_or_trailing_stream_is_refused(data: bytes, error: str) -> N
         read_all(data)
 
 
+def test_a_run_of_empty_members_is_refused_early() -> None:
+    """Empty members yield no byte, so no byte budget stops them: without a limit a
+    file of 20-byte members is inflated member by member for as long as it lasts."""
+    few = _members(*[b""] * _gunzip.MAX_EMPTY_MEMBERS, b"data")
+    assert read_all(few) == b"data"
+    stream = _members(b"head") + _members(b"") * 1_000_000  # 20 MB
+    counter = [0]
+    raw = CountingReader(io.BytesIO(stream), counter)
+    with pytest.raises(zlib.error, match=r"more than 64 empty gzip members in a row"), \
+            io.BufferedReader(_gunzip.GunzipReader(raw), 256 << 10) as f:  # type: ignore[arg-type]
+        f.read()
+    assert counter[0] <= 2 * _gunzip.IN_CHUNK
+
+
 def test_a_corrupt_trailer_is_refused_in_gzip_words() -> None:
     data = bytearray(_members(_payload(1 << 20, 1)))
     data[-6] ^= 0x01  # inside the CRC-32
