@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from applier import _fs
 from applier.bundle import MAX_MANIFEST_SIZE, BundleFile, read_bundle
+from applier.errors import ApplierError
 from applier.manifest import (
     BLOB_PREFIX,
     GIT_BUNDLE_NAME,
@@ -42,7 +43,7 @@ from applier.manifest import (
 )
 from applier.sshsig import AllowedSigners, parse_signatures, signature_fingerprints, verify_one
 from applier.verify import NAMESPACE, TrustPolicy, VerifiedManifest
-from bundler.errors import BuildError, ManifestTooLargeError, OutputError
+from bundler.errors import BuildError, BuildUsageError, ManifestTooLargeError, OutputError
 from bundler.git import GitRepo
 from bundler.render import Fleet, fork_is_safe, render_fleet
 from bundler.signing import HASH_ALGORITHM, SigningKey, sign, sign_digest
@@ -50,6 +51,7 @@ from bundler.writer import Member, compression_for, write_tar
 
 logger = logging.getLogger(__name__)
 BUILDER = "gitops-bundle 0.1.0"
+MAX_EXPIRY = 100 * 365 * 86400  # --expires beyond a century is a typo, not a policy
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,12 @@ def parse_duration(text: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     text = text.strip()
     if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
-        raise BuildError(f"--expires: {text!r} is not a duration like 90s, 12h, 30d")
+        raise BuildUsageError(f"--expires: {text!r} is not a duration like 90s, 12h, 30d")
     seconds = int(text[:-1]) * units[text[-1]]
     if seconds <= 0:
-        raise BuildError("--expires: the duration must be positive")
+        raise BuildUsageError("--expires: the duration must be positive")
+    if seconds > MAX_EXPIRY:
+        raise BuildUsageError(f"--expires: {text!r} is more than 100 years")
     return seconds
 
 
@@ -97,12 +101,17 @@ def load_trust_update(path: Path, threshold: int, reset_sequence: bool) -> Trust
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise BuildError(f"--trust-update: {path}: cannot read: {e.strerror}") from e
-    signers = AllowedSigners.from_text(text, str(path))
+        raise BuildUsageError(f"--trust-update: {path}: cannot read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise BuildUsageError(f"--trust-update: {path}: not UTF-8 text") from e
+    try:
+        signers = AllowedSigners.from_text(text, str(path))
+    except ApplierError as e:
+        raise BuildUsageError(f"--trust-update: {e}") from e
     keys = len({e.key.blob for e in signers.entries})
     if keys < threshold:
-        raise BuildError(f"--trust-update: {path} has {keys} key(s), fewer than "
-                         f"--trust-threshold {threshold}")
+        raise BuildUsageError(f"--trust-update: {path} has {keys} key(s), fewer than "
+                              f"--trust-threshold {threshold}")
     return TrustUpdate(text, threshold, reset_sequence)
 
 
@@ -111,7 +120,7 @@ def build_now() -> int:
     env = os.environ.get("SOURCE_DATE_EPOCH")
     if env is not None:
         if not env.isdigit():
-            raise BuildError(f"SOURCE_DATE_EPOCH={env!r} is not a Unix time")
+            raise BuildUsageError(f"SOURCE_DATE_EPOCH={env!r} is not a Unix time")
         return int(env)
     return int(time.time())
 
@@ -140,7 +149,7 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
             sequence = (opts.sequence if opts.sequence is not None
                         else repo.count_commits(commit))
             if sequence < 1:
-                raise BuildError(f"--sequence must be at least 1, not {sequence}")
+                raise BuildUsageError(f"--sequence must be at least 1, not {sequence}")
             expires = None
             if opts.expires is not None:
                 expires = max(build_now(), info.time) + opts.expires
@@ -324,8 +333,14 @@ def verify_bundle(path: Path, allowed_signers: Path, threshold: int = 1,
     try:
         text = allowed_signers.read_text(encoding="utf-8")
     except OSError as e:
-        raise BuildError(f"{allowed_signers}: cannot read: {e.strerror}") from e
-    trust = TrustPolicy(AllowedSigners.from_text(text, str(allowed_signers)), threshold)
+        raise BuildUsageError(f"{allowed_signers}: cannot read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise BuildUsageError(f"{allowed_signers}: not UTF-8 text") from e
+    try:
+        signers = AllowedSigners.from_text(text, str(allowed_signers))
+    except ApplierError as e:
+        raise BuildUsageError(str(e)) from e
+    trust = TrustPolicy(signers, threshold)
     return read_bundle(path, trust, int(time.time()) if now is None else now).verified
 
 
@@ -340,7 +355,7 @@ def add_signature(bundle: Path, key: SigningKey, out: Path) -> Manifest:
         for sig in parse_signatures(sig_bytes):
             verify_one(manifest_bytes, sig, NAMESPACE)
         if key.fingerprint in signature_fingerprints(sig_bytes):
-            raise BuildError(f"{bundle}: already signed by {key.fingerprint}")
+            raise BuildUsageError(f"{bundle}: already signed by {key.fingerprint}")
         manifest = Manifest.from_bytes(manifest_bytes)
         new_sig = sig_bytes + sign(manifest_bytes, key)
         compression = compression_for(out, None) if out != bundle else src.compression

@@ -85,11 +85,13 @@ def _not_the_key(out: Path | None, key_path: Path) -> None:
               help="Bundle file: .tar, .tar.gz or .tar.zst.")
 @click.option("--expires", metavar="DURATION", callback=lambda _c, _p, v: _duration(v),
               help="Hosts refuse it after e.g. 90s, 12h, 30d.")
-@click.option("--sequence", type=int, help="Override the monotonic sequence number.")
+@click.option("--sequence", type=click.IntRange(1, (1 << 63) - 1),
+              help="Override the monotonic sequence number.")
 @click.option("--compression", type=click.Choice(["none", "gzip", "zstd"]),
               help="Default: from the output file name.")
 @click.option("--host", "hosts", multiple=True, help="Only these hosts (repeatable).")
-@click.option("--jobs", type=int, help="Rendering processes (default: by fleet size).")
+@click.option("--jobs", type=click.IntRange(1, 1024),
+              help="Rendering processes (default: by fleet size).")
 @click.option("--trust-update", type=click.Path(dir_okay=False, path_type=Path),
               help="Rotate hosts to this allowed_signers file (co-sign with old and new keys).")
 @click.option("--trust-threshold", type=click.IntRange(1, 100), default=1, show_default=True,
@@ -147,7 +149,7 @@ def sign_cmd(bundle: Path, key_path: Path, out: Path | None) -> None:
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--allowed-signers", required=True,
               type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--threshold", type=int, default=1, show_default=True)
+@click.option("--threshold", type=click.IntRange(1, 100), default=1, show_default=True)
 def verify_cmd(bundle: Path, allowed_signers: Path, threshold: int) -> None:
     """Check BUNDLE's signatures against ALLOWED_SIGNERS and every member's digest."""
     v = verify_bundle(bundle, allowed_signers, threshold)

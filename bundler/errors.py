@@ -17,6 +17,12 @@ class BuildError(Exception):
     exit_code: int = ExitCode.INTERNAL
 
 
+class BuildUsageError(BuildError):
+    """An option or input the operator gave cannot be used (exit 2, like click's own)."""
+
+    exit_code = ExitCode.USAGE
+
+
 class KeyFileError(BuildError):
     """The signing key cannot be used: missing, unreadable, not Ed25519, or locked."""
 

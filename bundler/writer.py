@@ -27,7 +27,7 @@ from typing import BinaryIO
 from applier import _fs, _tar
 from applier.errors import ApplierError
 from applier.manifest import MANIFEST_NAME, SIGNATURE_NAME
-from bundler.errors import BuildError, OutputError
+from bundler.errors import BuildError, BuildUsageError, OutputError
 
 COMPRESSIONS = ("none", "gzip", "zstd")
 GZIP_LEVEL = 6
@@ -119,7 +119,7 @@ def _compressed(raw: BinaryIO, compression: str) -> Iterator[BinaryIO]:
         try:
             import zstandard  # noqa: PLC0415 - optional dependency
         except ImportError:
-            raise BuildError("zstd output needs the zstandard module "
+            raise BuildUsageError("zstd output needs the zstandard module "
                              "(pip install 'gitops-airgap[zstd]')") from None
         cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_checksum=True)
         with cctx.stream_writer(raw, closefd=False) as z:

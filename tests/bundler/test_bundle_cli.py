@@ -37,6 +37,29 @@ CASES = [
     ("expires zero",
      ["build", "{repo}", "--key", "{key}", "-o", "{tmp}/b.tar", "--expires", "0d"],
      r"Invalid value for '--expires': the duration must be positive"),
+    ("expires past a century",
+     ["build", "{repo}", "--key", "{key}", "-o", "{tmp}/b.tar", "--expires", "99999999999999w"],
+     r"Invalid value for '--expires': '99999999999999w' is more than 100 years"),
+    ("sequence zero",
+     ["build", "{repo}", "--key", "{key}", "-o", "{tmp}/b.tar", "--sequence", "0"],
+     r"Invalid value for '--sequence': 0 is not in the range"),
+    ("sequence too large",
+     ["build", "{repo}", "--key", "{key}", "-o", "{tmp}/b.tar", "--sequence", "9" * 23],
+     r"Invalid value for '--sequence': 9+ is not in the range"),
+    ("jobs zero", ["build", "{repo}", "--key", "{key}", "-o", "{tmp}/b.tar", "--jobs", "0"],
+     r"Invalid value for '--jobs': 0 is not in the range"),
+    ("trust update missing",
+     ["build", "{repo}", "--key", "{key}", "-o", "{tmp}/b.tar", "--trust-update",
+      "{tmp}/missing"], r"--trust-update: .*/missing: cannot read: No such file"),
+    ("trust update not allowed_signers",
+     ["build", "{repo}", "--key", "{key}", "-o", "{tmp}/b.tar", "--trust-update", "{key}"],
+     r"--trust-update: .*ops"),
+    ("verify threshold zero",
+     ["verify", "{key}", "--allowed-signers", "{key}", "--threshold", "0"],
+     r"Invalid value for '--threshold': 0 is not in the range"),
+    ("verify allowed signers missing",
+     ["verify", "{key}", "--allowed-signers", "{tmp}/missing"],
+     r".*/missing: cannot read: No such file"),
 ]
 
 
@@ -100,3 +123,20 @@ def test_output_that_is_not_a_regular_file_or_is_the_key_is_refused(
         == ExitCode.USAGE
     assert "is the signing key" in capsys.readouterr().err
     assert key.read_bytes() == key_bytes
+
+
+def test_a_bad_source_date_epoch_or_a_second_signature_by_one_key_is_exit_2(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = tmp_path / "b.tar"
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    build = ["build", str(fleet_repo), "--key", str(signing_key.private), "-o", str(bundle)]
+    assert bundler_cli.main([*build, "--expires", "1d"]) == ExitCode.USAGE
+    assert "SOURCE_DATE_EPOCH='yesterday' is not a Unix time" in capsys.readouterr().err
+    assert not bundle.exists()
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    assert bundler_cli.main(build) == 0
+    capsys.readouterr()
+    assert bundler_cli.main(["sign", str(bundle), "--key", str(signing_key.private)]) \
+        == ExitCode.USAGE
+    assert "already signed by" in capsys.readouterr().err
