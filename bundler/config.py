@@ -586,8 +586,8 @@ def _file_spec(value: Any, at: _At, index: int, hosts: Mapping[str, HostSpec],
         # A literal dest is checked now; a templated one after rendering, per host.
         try:
             check_target_path(dest)
-        except ManifestError as e:
-            raise dest_at.err(f"{dest!r} is not an absolute, normalised file path") from e
+        except ManifestError as e:  # its own reason: not NFC, a component too long, ...
+            raise dest_at.err(str(e).removeprefix("manifest path: ")) from e
     sel_hosts = _names(m["hosts"], at.key(m, "hosts"), hosts, "host") if "hosts" in m else ()
     sel_groups = (_names(m["groups"], at.key(m, "groups"), groups, "group")
                   if "groups" in m else ())

@@ -45,6 +45,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from applier import _fs
+from applier.config import PROTECTED, within
 from applier.errors import ManifestError
 from applier.manifest import Command, FileEntry, HostEntry, check_target_path
 from bundler.config import (
@@ -718,8 +719,15 @@ class _Renderer:
             try:
                 check_target_path(dest)
             except ManifestError as e:
-                raise RepoConfigError(f"{fspec.where('dest')}: {dest!r} (host {host}) is not "
-                                      "an absolute, normalised file path") from e
+                # The check's own reason (not NFC, a component over 255 bytes, ...).
+                why = str(e).removeprefix("manifest path: ").removeprefix(repr(dest) + " ")
+                raise RepoConfigError(f"{fspec.where('dest')}: {dest!r} (host {host}) "
+                                      f"{why}") from e
+            for protected in PROTECTED:
+                if within(dest, protected) or within(protected, dest):
+                    raise RepoConfigError(
+                        f"{fspec.where('dest')}: {dest!r} (host {host}) is or holds the "
+                        f"applier's own config and state ({protected}): every host refuses it")
             self._dests.add(dest)
         source = job.tree[fspec.src]
         if fspec.is_template:

@@ -440,9 +440,16 @@ def test_file_and_directory_conflict(fleet: FleetRepo) -> None:
         ("/etc/{{ host", r"files\[1\]\.dest: syntax error: .*\(host (camelot|frodo)\)$"),
         ("'{{ host }}/motd'",
          r"files\[1\]\.dest: '(camelot|frodo)/motd' \(host \w+\) is not an absolute"),
-        ("'/etc/{{ \"\" }}'", r"files\[1\]\.dest: '/etc/' \(host \w+\) is not an absolute"),
+        ("'/etc/{{ \"\" }}'", r"files\[1\]\.dest: '/etc/' \(host \w+\) does not name a file$"),
+        ("/etc/cafe\u0301.conf",  # a literal dest: checked with the config, no host yet
+         r"files\[1\]\.dest: '/etc/cafe\u0301.conf' is not in Unicode NFC form$"),
+        ("/etc/gitops-apply/allowed_signers",
+         (r"files\[1\]\.dest: '/etc/gitops-apply/allowed_signers' \(host \w+\) is or holds "
+          r"the applier's own config and state \(/etc/gitops-apply\): every host refuses it$")),
+        ("/var/lib", (r"files\[1\]\.dest: '/var/lib' \(host \w+\) is or holds the applier's "
+                      r"own config and state \(/var/lib/gitops-apply\)")),
     ],
-    ids=["undefined", "syntax", "relative", "directory"],
+    ids=["undefined", "syntax", "relative", "directory", "not-nfc", "protected", "holds-state"],
 )
 def test_bad_templated_dest(fleet: FleetRepo, dest: str, message: str) -> None:
     fleet.replace("gitops.yaml", "dest: /etc/motd", f"dest: {dest}")
