@@ -252,33 +252,40 @@ def render_fleet(
                spool_dir=spool_dir.name)
     # Workers start before the variables are read: they compile the templates while
     # this process parses the vars files and hashes the static files.
-    with spool_dir, _workers(job, templates, min(jobs, len(chunks))) as workers:
-        with repo.blob_reader() as reader:
-            var_files = _read_var_files(config, tree, reader, prefix, warnings)
-            hostvars = {name: config.vars_for(name, var_files) for name in config.hosts}
-            if hosts is None:
-                # By identity: `s not in specs` compared dataclasses pairwise, quadratic
-                # in the number of files (46 s of a 10,000-file build).
-                chosen = {id(s) for s in specs}
-                warnings.extend(f"{s.where()}: selects no host" for s in config.files
-                                if id(s) not in chosen)
-            static: dict[str, tuple[str, int]] = {}
-            for spec in specs:
-                entry = _source(spec, tree, prefix, commit)
-                if not spec.is_template and entry.oid not in static:
-                    # Streamed through the batch reader: a 1 GiB file is never in memory.
-                    static[entry.oid] = reader.hash(entry.oid)
-        if workers is None:
-            results = _render_here(job, _Data(hostvars=hostvars, static=static), selected,
-                                   progress)
-        else:
-            pool, compiling = workers
-            compiled = _Compiled.merge([f.result() for f in compiling])
-            data = _Data(hostvars=hostvars, static=static, compiled=compiled)
-            results = _render_in(pool, data, chunks, progress)
-            # The workers exit while the results are put together here.
-            pool.shutdown(wait=False)
-        return _assemble(job, sub, static, results, warnings)
+    try:
+        with spool_dir, _workers(job, templates, min(jobs, len(chunks))) as workers:
+            with repo.blob_reader() as reader:
+                var_files = _read_var_files(config, tree, reader, prefix, warnings)
+                hostvars = {name: config.vars_for(name, var_files) for name in config.hosts}
+                if hosts is None:
+                    # By identity: `s not in specs` compared dataclasses pairwise, quadratic
+                    # in the number of files (46 s of a 10,000-file build).
+                    chosen = {id(s) for s in specs}
+                    warnings.extend(f"{s.where()}: selects no host" for s in config.files
+                                    if id(s) not in chosen)
+                static: dict[str, tuple[str, int]] = {}
+                for spec in specs:
+                    entry = _source(spec, tree, prefix, commit)
+                    if not spec.is_template and entry.oid not in static:
+                        # Streamed through the batch reader: a 1 GiB file is never in memory.
+                        static[entry.oid] = reader.hash(entry.oid)
+            if workers is None:
+                results = _render_here(job, _Data(hostvars=hostvars, static=static), selected,
+                                       progress)
+            else:
+                pool, compiling = workers
+                compiled = _Compiled.merge([f.result() for f in compiling])
+                data = _Data(hostvars=hostvars, static=static, compiled=compiled)
+                results = _render_in(pool, data, chunks, progress)
+                # The workers exit while the results are put together here.
+                pool.shutdown(wait=False)
+            return _assemble(job, sub, static, results, warnings)
+    except RepoError:
+        # A hint found before the failure may be its explanation (a vars file
+        # named vars/web-01.yml matches no host, so 'port' is undefined).
+        for w in warnings:
+            logger.warning("%s", w)
+        raise
 
 
 def _assemble(job: _Job, sub: str, static: Mapping[str, tuple[str, int]],

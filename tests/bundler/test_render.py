@@ -459,6 +459,21 @@ def test_bad_templated_dest(fleet: FleetRepo, dest: str, message: str) -> None:
         render(fleet)
 
 
+def test_a_hint_found_before_a_failure_is_not_lost_with_it(
+        fleet: FleetRepo, caplog: pytest.LogCaptureFixture) -> None:
+    """vars/frodo.yml (not .yaml) matches no host, which is why 'greeting' is
+    undefined: the hint must reach the operator along with the error."""
+    fleet.write("vars/frodo.yml", "greeting: hello\n")
+    fleet.write("templates/greet.j2", "{{ greeting }}\n")
+    fleet.replace("gitops.yaml", "files:\n", "files:\n  - src: templates/greet.j2\n"
+                  "    dest: /etc/greeting\n    hosts: [frodo]\n")
+    fleet.commit()
+    with pytest.raises(TemplateRenderError, match="'greeting' is undefined"):
+        render(fleet)
+    assert "vars/frodo.yml: matches no host or group (did you mean 'vars/frodo.yaml'?)" \
+        in caplog.text
+
+
 def test_undefined_in_a_command(fleet: FleetRepo) -> None:
     fleet.replace("gitops.yaml", "systemctl restart {{ app_name }}.service",
                   "systemctl restart {{ app }}.service")
