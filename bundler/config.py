@@ -174,6 +174,8 @@ def load_yaml(data: bytes | str, path: str) -> Any:
         raise RepoConfigError(f"{path}:{line}: invalid YAML: {problem}") from e
     except yaml.YAMLError as e:
         raise RepoConfigError(f"{path}: invalid YAML: {e}") from e
+    except ValueError as e:  # an integer of more than 4300 digits, say
+        raise RepoConfigError(f"{path}: invalid YAML value: {e}") from e
     finally:
         loader.dispose()
 

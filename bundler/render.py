@@ -738,7 +738,13 @@ class _Renderer:
             self._dests.add(dest)
         source = job.tree[fspec.src]
         if fspec.is_template:
-            data = self._template_render(fspec.src, host, context).encode("utf-8")
+            text = self._template_render(fspec.src, host, context)
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate, from a filter or a var
+                raise TemplateRenderError(
+                    f"{self._job.prefix}{fspec.src}: renders text that is not valid Unicode "
+                    f"(U+{ord(text[e.start]):04X} at character {e.start}; host {host})") from e
             digest = hashlib.sha256(data).hexdigest()
             rendered[digest] = self._spool.add(digest, data)
             size = len(data)

@@ -105,7 +105,9 @@ def passphrase_for(
     env = os.environ if environ is None else environ
     value = env.get(env_var)
     if value is not None:
-        return value.encode("utf-8")
+        # os.environ decodes with surrogateescape: this gives back the exact bytes,
+        # whatever their encoding (a passphrase set in Latin-1 is still that passphrase).
+        return os.fsencode(value)
     if interactive is None:
         interactive = sys.stdin.isatty()
     if not interactive:

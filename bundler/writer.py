@@ -161,7 +161,8 @@ def write_tar(out: Path, manifest: bytes | Member, signature_bytes: bytes,
             _in_memory(SIGNATURE_NAME, signature_bytes)]
     if head[0].name != MANIFEST_NAME:
         raise ValueError(f"the first member must be {MANIFEST_NAME}, not {head[0].name}")
-    tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
+    # Not named after ``out``: a name near 255 bytes would leave no room for a suffix.
+    tmp = out.with_name(f".gitops-bundle-{secrets.token_hex(6)}.tmp")
     try:
         with open(tmp, "xb") as raw:
             with _compressed(raw, compression) as f:
@@ -192,5 +193,5 @@ def write_tar(out: Path, manifest: bytes | Member, signature_bytes: bytes,
     except (BuildError, ApplierError):
         raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # never hide the error that brought us here
             tmp.unlink()

@@ -140,3 +140,14 @@ def test_a_bad_source_date_epoch_or_a_second_signature_by_one_key_is_exit_2(
     assert bundler_cli.main(["sign", str(bundle), "--key", str(signing_key.private)]) \
         == ExitCode.USAGE
     assert "already signed by" in capsys.readouterr().err
+
+
+def test_an_output_name_of_250_characters_is_written(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The temp file beside it is not named after it: no room for a suffix."""
+    out = tmp_path / ("b" * 243 + ".tar.gz")
+    assert bundler_cli.main(["build", str(fleet_repo), "--key", str(signing_key.private),
+                             "-o", str(out)]) == 0, capsys.readouterr().err
+    assert out.is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -474,6 +474,23 @@ def test_a_hint_found_before_a_failure_is_not_lost_with_it(
         in caplog.text
 
 
+def test_a_template_that_renders_a_lone_surrogate_is_a_render_error(fleet: FleetRepo) -> None:
+    fleet.write("templates/s.j2", "a {{ '\\udcff' }}\n")
+    fleet.replace("gitops.yaml", "files:\n", "files:\n  - src: templates/s.j2\n"
+                  "    dest: /etc/s\n")
+    fleet.commit()
+    with pytest.raises(TemplateRenderError, match=r"^templates/s\.j2: renders text that is "
+                       r"not valid Unicode \(U\+DCFF at character 2; host \w+\)$"):
+        render(fleet)
+
+
+def test_an_integer_too_long_to_convert_is_a_config_error(fleet: FleetRepo) -> None:
+    fleet.replace("gitops.yaml", "files:\n", f"x: {'9' * 5000}\nfiles:\n")
+    fleet.commit()
+    with pytest.raises(RepoConfigError, match=r"^gitops\.yaml: invalid YAML value: "):
+        render(fleet)
+
+
 def test_undefined_in_a_command(fleet: FleetRepo) -> None:
     fleet.replace("gitops.yaml", "systemctl restart {{ app_name }}.service",
                   "systemctl restart {{ app }}.service")

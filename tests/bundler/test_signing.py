@@ -142,6 +142,17 @@ def test_encrypted_key_opens_with_passphrase_from_environment(
     assert ssh_verify(tmp_path, tmp_path / "release", sig).returncode == 0
 
 
+def test_a_passphrase_that_is_not_utf8_is_passed_as_its_bytes(tmp_path: Path) -> None:
+    """A Latin-1 terminal set the passphrase: os.environ holds it surrogate-escaped,
+    and the key opens with the exact bytes, not a UnicodeEncodeError."""
+    latin1 = "gr\udce4ssli"  # b"gr\xe4ssli" as os.environ decodes it
+    key = keygen(tmp_path, "latin", passphrase=latin1)  # argv: the same bytes again
+    passphrase = passphrase_for(key, environ={"GITOPS_KEY_PASSPHRASE": latin1},
+                                interactive=False)
+    assert passphrase == b"gr\xe4ssli"
+    assert load_signing_key(key, passphrase).fingerprint.startswith("SHA256:")
+
+
 def test_passphrase_env_var_name_is_configurable(encrypted_key: Path) -> None:
     assert passphrase_for(encrypted_key, "MY_PASS", environ={"MY_PASS": "secret"},
                           interactive=False) == b"secret"
