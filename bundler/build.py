@@ -66,6 +66,10 @@ class BuildOptions:
     hosts: tuple[str, ...] | None = None
     jobs: int | None = None
     trust: TrustUpdate | None = None  # a key rotation for hosts to adopt (applier/trust.py)
+    # What source.branch and source.repo record, instead of what --rev names (a CI
+    # checkout is detached: no branch) and the clone's directory name.
+    branch: str | None = None
+    repo_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,9 +142,11 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
         workdir = tempfile.TemporaryDirectory(prefix=".gitops-build-", dir=out.parent)
     except OSError as e:  # a missing or read-only directory, before any work is done
         raise OutputError(str(_fs.io_error(e, f"cannot write {out}"))) from e
+    # --branch '' records none, like a commit id would.
+    branch = (opts.branch or None) if opts.branch is not None else info.branch
     with workdir as tmp:
         history = Path(tmp) / "history.bundle"
-        ref = f"refs/heads/{info.branch}" if info.branch else "refs/gitops/commit"
+        ref = f"refs/heads/{branch}" if branch else "refs/gitops/commit"
         # git packs the history while this process renders (0.6 s of a 200-host build).
         with repo.start_bundle(commit, ref, history) as pending:
             fleet = _render(repo, commit, opts)
@@ -159,9 +165,9 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
         manifest = Manifest(
             bundle_id=make_bundle_id(sequence, commit), sequence=sequence, created=info.time,
             expires=expires, trust=opts.trust,
-            source=Source(repo=repo.toplevel.name, commit=commit, tree=info.tree,
-                          branch=info.branch, author=info.author, subject=info.subject,
-                          path=fleet.path),
+            source=Source(repo=opts.repo_name or repo.toplevel.name, commit=commit,
+                          tree=info.tree, branch=branch, author=info.author,
+                          subject=info.subject, path=fleet.path),
             builder=BUILDER, hosts=fleet.hosts,
             git=GitInfo(git_sha, git_size, tips),
         )

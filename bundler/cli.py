@@ -98,10 +98,16 @@ def _not_the_key(out: Path | None, key_path: Path) -> None:
               help="Signatures the new trust requires (with --trust-update).")
 @click.option("--reset-sequence", is_flag=True,
               help="With --trust-update: let hosts reset their sequence high-water mark.")
+@click.option("--branch", metavar="NAME",
+              help="Record this branch (default: the one --rev names, none for a commit id "
+                   "or a detached CI checkout), so a rebuild elsewhere gives the same bytes.")
+@click.option("--repo-name", metavar="NAME",
+              help="Record this repository name (default: the clone's directory name).")
 def build_cmd(repo: Path, rev: str, subpath: str, key_path: Path, out: Path,
               expires: int | None, sequence: int | None, compression: str | None,
               hosts: tuple[str, ...], jobs: int | None, trust_update: Path | None,
-              trust_threshold: int, reset_sequence: bool) -> None:
+              trust_threshold: int, reset_sequence: bool, branch: str | None,
+              repo_name: str | None) -> None:
     """Turn one commit of REPO into one signed, reproducible bundle."""
     if trust_update is None and (reset_sequence or trust_threshold != 1):
         raise click.UsageError("--trust-threshold and --reset-sequence need --trust-update")
@@ -112,7 +118,8 @@ def build_cmd(repo: Path, rev: str, subpath: str, key_path: Path, out: Path,
     result = build(BuildOptions(
         repo=repo, out=out, rev=rev, subpath=subpath,
         expires=expires, sequence=sequence,
-        compression=compression, hosts=hosts or None, jobs=jobs, trust=trust), key)
+        compression=compression, hosts=hosts or None, jobs=jobs, trust=trust,
+        branch=branch, repo_name=repo_name), key)
     m = result.manifest
     files = sum(len(h.files) for h in m.hosts.values())
     click.echo(f"built {result.path} ({result.size} bytes): bundle {m.bundle_id}, commit "

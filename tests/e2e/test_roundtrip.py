@@ -140,6 +140,26 @@ def test_two_builds_of_one_commit_are_byte_identical(
         assert a.read_bytes() == b.read_bytes(), suffix
 
 
+def test_a_detached_ci_clone_rebuilds_the_same_bytes_when_told_the_branch(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    """The workstation builds its checkout of main; CI clones into a directory of its
+    own name and checks the commit out detached. Told the branch and the repo name,
+    CI's build is the workstation's, byte for byte (a check that what was signed is
+    what the commit makes); without them it records other provenance."""
+    ours = tmp_path / "ours.tar.gz"
+    run("gitops-bundle", "build", fleet_repo, "--key", signing_key.private, "-o", ours)
+    ci = tmp_path / "ci-workspace-1234"
+    run("git", "clone", "-q", fleet_repo, ci)
+    commit = run("git", "-C", ci, "rev-parse", "HEAD").stdout.strip()
+    run("git", "-C", ci, "checkout", "-q", "--detach", commit)
+    plain, told = tmp_path / "plain.tar.gz", tmp_path / "told.tar.gz"
+    run("gitops-bundle", "build", ci, "--key", signing_key.private, "-o", plain)
+    run("gitops-bundle", "build", ci, "--rev", commit, "--key", signing_key.private,
+        "-o", told, "--branch", "main", "--repo-name", fleet_repo.name)
+    assert plain.read_bytes() != ours.read_bytes()
+    assert told.read_bytes() == ours.read_bytes()
+
+
 def test_ssh_keygen_accepts_the_builders_signature(
         fleet_repo: Path, tmp_path: Path, signing_key: KeyPair) -> None:
     bundle = tmp_path / "b.tar"
