@@ -16,6 +16,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import posixpath
 import sys
 import tempfile
 import time
@@ -165,7 +166,7 @@ def build(opts: BuildOptions, key: SigningKey) -> BuildResult:
         manifest = Manifest(
             bundle_id=make_bundle_id(sequence, commit), sequence=sequence, created=info.time,
             expires=expires, trust=opts.trust,
-            source=Source(repo=opts.repo_name or repo.toplevel.name, commit=commit,
+            source=Source(repo=opts.repo_name or repo.name, commit=commit,
                           tree=info.tree, branch=branch, author=info.author,
                           subject=info.subject, path=fleet.path),
             builder=BUILDER, hosts=fleet.hosts,
@@ -218,7 +219,9 @@ def _render(repo: GitRepo, commit: str, opts: BuildOptions) -> Fleet:
     tqdm.monitor_interval = 0
     with tqdm(desc="rendering", unit="host", file=sys.stderr, leave=False,
               disable=not sys.stderr.isatty()) as bar:
-        return render_fleet(repo, commit, opts.subpath,
+        # REPO given as a directory inside the working tree starts --path there.
+        subpath = posixpath.join(repo.prefix, opts.subpath) if repo.prefix else opts.subpath
+        return render_fleet(repo, commit, subpath,
                             hosts=list(opts.hosts) if opts.hosts else None, jobs=opts.jobs,
                             progress=bar.update)
 

@@ -153,7 +153,8 @@ class TreeEntry:
 class GitRepo:
     """A local git repository, read through the ``git`` command line.
 
-    Instances hold only the path, so they pickle cleanly into worker processes.
+    Instances hold only the path and what it is (bare, where in the working tree), so
+    they pickle cleanly into worker processes.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -161,7 +162,17 @@ class GitRepo:
         if not self.path.is_dir():
             raise GitError(f"{self.path}: no such directory")
         # Fails early and clearly instead of on the first real command.
-        self._git("rev-parse", "--git-dir", what=f"{self.path}: cannot open as a git repository")
+        out = self._git("rev-parse", "--is-bare-repository", "--show-prefix",
+                        what=f"{self.path}: cannot open as a git repository")
+        lines = out.decode("utf-8", "replace").splitlines()
+        # A bare clone (a mirror on the build machine) has objects and no working tree.
+        self.bare = bool(lines) and lines[0] == "true"
+        # Where ``path`` lies in the working tree ('' at its top): git runs from the top
+        # (tree paths are relative to where it runs), and the builder reads ``prefix``
+        # as the start of ``--path``.
+        self.prefix = (lines[1] if len(lines) > 1 else "").rstrip("/")
+        if self.prefix:
+            self.path = self.toplevel
 
     def __repr__(self) -> str:
         return f"GitRepo({str(self.path)!r})"
@@ -189,10 +200,19 @@ class GitRepo:
 
     @cached_property
     def toplevel(self) -> Path:
-        """The root of the working tree (``path`` may be a subdirectory of it)."""
+        """The root of the working tree (the repository itself when it is bare)."""
+        if self.bare:
+            return self.path
         out = self._git("rev-parse", "--show-toplevel",
                         what=f"{self.path}: has no working tree")
         return Path(out.decode("utf-8").rstrip("\n"))
+
+    @property
+    def name(self) -> str:
+        """What a bundle records as ``source.repo``: the clone's directory name (a bare
+        ``infra.git`` is ``infra``, like the working clone of it)."""
+        name = self.toplevel.name
+        return name.removesuffix(".git") if self.bare else name
 
     def resolve(self, rev: str) -> str:
         """The full commit id ``rev`` names; GitError if it names no commit."""
@@ -223,7 +243,10 @@ class GitRepo:
                           time=int(fields[3]), subject=fields[4], branch=branch)
 
     def is_dirty(self) -> bool:
-        """True if the working tree differs from HEAD (untracked files count)."""
+        """True if the working tree differs from HEAD (untracked files count); a bare
+        repository has no working tree to differ."""
+        if self.bare:
+            return False
         out = self._git("status", "--porcelain", "-z", "--ignore-submodules=none",
                         what=f"{self.path}: cannot read the working tree status")
         return bool(out)

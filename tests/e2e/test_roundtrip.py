@@ -160,6 +160,43 @@ def test_a_detached_ci_clone_rebuilds_the_same_bytes_when_told_the_branch(
     assert told.read_bytes() == ours.read_bytes()
 
 
+def test_a_bare_mirror_builds_what_its_working_clone_builds(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    """A build machine often keeps a bare mirror (infra.git): no working tree to check
+    for changes, and the same bytes as a build from a working clone of it."""
+    ours = tmp_path / "ours.tar"
+    run("gitops-bundle", "build", fleet_repo, "--key", signing_key.private, "-o", ours)
+    mirror = tmp_path / "mirror" / f"{fleet_repo.name}.git"
+    run("git", "clone", "-q", "--bare", fleet_repo, mirror)
+    built = tmp_path / "mirror.tar"
+    run("gitops-bundle", "build", mirror, "--key", signing_key.private, "-o", built)
+    assert built.read_bytes() == ours.read_bytes()
+
+
+def test_repo_given_as_a_subdirectory_is_that_directory_of_the_repo(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    """'build infra/fleet' is 'build infra --path fleet': the same gitops.yaml, the
+    same source.path, the same bytes; and --path goes on from there."""
+    (fleet_repo / "fleet").mkdir()
+    for name in os.listdir(fleet_repo):
+        if name not in (".git", "fleet"):
+            os.rename(fleet_repo / name, fleet_repo / "fleet" / name)
+    commit_all(fleet_repo, "Move the fleet into fleet/")
+    by_path, by_dir = tmp_path / "by-path.tar", tmp_path / "by-dir.tar"
+    run("gitops-bundle", "build", fleet_repo, "--path", "fleet", "--key",
+        signing_key.private, "-o", by_path)
+    run("gitops-bundle", "build", fleet_repo / "fleet", "--key", signing_key.private,
+        "-o", by_dir)
+    assert by_dir.read_bytes() == by_path.read_bytes()
+    (fleet_repo / "infra").mkdir()
+    os.rename(fleet_repo / "fleet", fleet_repo / "infra" / "fleet")
+    commit_all(fleet_repo, "One level deeper")
+    run("gitops-bundle", "build", fleet_repo / "infra", "--path", "fleet", "--key",
+        signing_key.private, "-o", tmp_path / "deeper.tar")
+    out = run("gitops-bundle", "inspect", tmp_path / "deeper.tar", "--json").stdout
+    assert '"path": "infra/fleet"' in out
+
+
 def test_ssh_keygen_accepts_the_builders_signature(
         fleet_repo: Path, tmp_path: Path, signing_key: KeyPair) -> None:
     bundle = tmp_path / "b.tar"
