@@ -57,8 +57,12 @@ class HostConfig:
                                        ("trust_sequence", self.trust_sequence, 0, (1 << 63) - 1)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise HostConfigError(f"config: {name} must be an integer in {low}..{high}")
-        if not isinstance(self.allowed_signers, str) or not self.allowed_signers:
-            raise HostConfigError("config: allowed_signers must be a file name")
+        if (not isinstance(self.allowed_signers, str) or self.allowed_signers in ("", ".", "..")
+                or "/" in self.allowed_signers or "\0" in self.allowed_signers):
+            # A name in /etc/gitops-apply: a path would be read outside --root, and a key
+            # rotation (trust_store.py) removes the file it replaces.
+            raise HostConfigError(f"config: allowed_signers must be a file name in "
+                                  f"/etc/gitops-apply, not {self.allowed_signers!r}")
         if not isinstance(self.allow_special_modes, bool):
             raise HostConfigError("config: allow_special_modes must be true or false")
         for prefix in self.allowed_prefixes:

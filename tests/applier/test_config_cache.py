@@ -124,14 +124,21 @@ def test_config_that_is_not_utf8_is_one_line_error(
 @pytest.mark.parametrize(("append", "message"), [
     ("threshold: 1\n", r"config\.yaml:\d+: duplicate key 'threshold' \(first at line \d+\)"),
     ("1: x\nfoo: y\n", r"config\.yaml: unknown key 1"),
-], ids=["duplicate-key", "unknown-keys-of-two-types"])
+    ("allowed_signers: /etc/ssh/allowed_signers\n",
+     r"config\.yaml: allowed_signers must be a file name in /etc/gitops-apply, not "
+     r"'/etc/ssh/allowed_signers'"),
+], ids=["duplicate-key", "unknown-keys-of-two-types", "allowed-signers-a-path"])
 def test_config_mistakes_are_one_line_errors(
         root: Path, capsys: pytest.CaptureFixture[str], append: str, message: str) -> None:
     """A second 'threshold: 1' appended below 'threshold: 2' must not silently lower
     k-of-n (PyYAML keeps the last of two keys)."""
     edit(root, "threshold: 1", "threshold: 2")
     config = HostLayout(root).config_file
-    config.write_text(config.read_text() + append)
+    text = config.read_text()
+    if append.startswith("allowed_signers:"):  # replaces the key rather than repeat it
+        text = "".join(line for line in text.splitlines(keepends=True)
+                       if not line.startswith("allowed_signers:"))
+    config.write_text(text + append)
     capsys.readouterr()
     assert main(["--root", str(root), "status"]) == ExitCode.HOST_CONFIG
     err = capsys.readouterr().err.splitlines()
