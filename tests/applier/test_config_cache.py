@@ -125,8 +125,8 @@ def test_config_that_is_not_utf8_is_one_line_error(
     ("threshold: 1\n", r"config\.yaml:\d+: duplicate key 'threshold' \(first at line \d+\)"),
     ("1: x\nfoo: y\n", r"config\.yaml: unknown key 1"),
     ("allowed_signers: /etc/ssh/allowed_signers\n",
-     r"config\.yaml: allowed_signers must be a file name in /etc/gitops-apply, not "
-     r"'/etc/ssh/allowed_signers'"),
+     (r"config\.yaml: allowed_signers must be a file name in /etc/gitops-apply, not "
+      r"'/etc/ssh/allowed_signers'")),
 ], ids=["duplicate-key", "unknown-keys-of-two-types", "allowed-signers-a-path"])
 def test_config_mistakes_are_one_line_errors(
         root: Path, capsys: pytest.CaptureFixture[str], append: str, message: str) -> None:
