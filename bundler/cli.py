@@ -7,6 +7,7 @@ become one line on stderr and their exit code; see README "Exit codes".
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -207,13 +208,24 @@ def _run(argv: list[str]) -> int:
         ctx = getattr(e, "ctx", None)
         raise UsageError.pointing_to_help(
             e.format_message(), ctx.command_path if ctx is not None else PROG) from e
-    except click.Abort as e:
-        raise UsageError("aborted") from e
+    except click.Abort as e:  # click's word for Ctrl-C, SIGTERM (see main) or EOF at a prompt
+        raise KeyboardInterrupt from e
     return code if isinstance(code, int) else ExitCode.OK
 
 
+def _terminated(signum: int, frame: object) -> None:
+    del signum, frame
+    # As Ctrl-C does: every with-block and finally on the way out runs, so a CI job
+    # cancelled (or 'timeout') mid-build leaves no temp directory behind.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(PROG, argv, _run, (BuildError, ApplierError))
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return run_command(PROG, argv, _run, (BuildError, ApplierError))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import os
 import pickle
 import posixpath
 import shlex
+import signal
 import tempfile
 import threading
 import traceback
@@ -516,6 +517,9 @@ _WORKER: dict[str, _Renderer] = {}
 
 
 def _init_worker(job: _Job) -> None:
+    # A forked worker inherits the CLI's SIGTERM handler; the pool stops its workers
+    # with SIGTERM, which must end them, not raise inside them.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The job (tree, config) is sent once per worker, not per chunk.
     _WORKER["renderer"] = _Renderer(job)
 

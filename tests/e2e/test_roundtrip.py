@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -195,6 +196,35 @@ def test_repo_given_as_a_subdirectory_is_that_directory_of_the_repo(
         signing_key.private, "-o", tmp_path / "deeper.tar")
     out = run("gitops-bundle", "inspect", tmp_path / "deeper.tar", "--json").stdout
     assert '"path": "infra/fleet"' in out
+
+
+def test_a_build_terminated_midway_leaves_no_temp_files(
+        fleet_repo: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    """A CI job cancelled (SIGTERM) while rendering cleans up as Ctrl-C does: no
+    .gitops-build-* beside the output, nothing in TMPDIR, no bundle."""
+    (fleet_repo / "templates" / "slow.j2").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\n")
+    config = fleet_repo / "gitops.yaml"
+    config.write_text(config.read_text().replace(
+        "files:\n", "files:\n  - src: templates/slow.j2\n    dest: /etc/slow\n", 1))
+    commit_all(fleet_repo, "A template that takes a while")
+    out_dir, tmp = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    tmp.mkdir()
+    proc = subprocess.Popen([str(BIN / "gitops-bundle"), "build", str(fleet_repo), "--key",
+                             str(signing_key.private), "-o", str(out_dir / "b.tar")],
+                            env={**os.environ, "TMPDIR": str(tmp)}, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 30
+    while not list(out_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the build has started: its work dir is there
+    time.sleep(0.5)
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "gitops-bundle: error: interrupted"
+    assert list(out_dir.iterdir()) == []
+    assert list(tmp.iterdir()) == []
 
 
 def test_ssh_keygen_accepts_the_builders_signature(
