@@ -151,7 +151,9 @@ class State:
     def retain(self, verified: VerifiedManifest, host: str) -> None:
         manifest = verified.manifest
         d = self.layout.bundles / manifest.bundle_id
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not d.is_dir():
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _fs.fsync_dir(self.layout.bundles)  # its entry too, not only what is in it
         _fs.atomic_write(d / "manifest.json", verified.manifest_bytes, 0o600,
                          fault="retain-manifest")
         _fs.atomic_write(d / "manifest.json.sig", verified.signature_bytes, 0o600,
@@ -265,9 +267,12 @@ class State:
         beats an fsync of each file and of up to 256 fan-out directories.
         """
         moved: list[Path] = []
+        new_dirs = False
         for src in staged:
             dst = self.object_path(src.name)
-            dst.parent.mkdir(exist_ok=True, mode=0o700)
+            if not dst.parent.is_dir():
+                dst.parent.mkdir(exist_ok=True, mode=0o700)
+                new_dirs = True
             os.replace(src, dst)
             _faults.point("adopt-object")
             moved.append(dst)
@@ -275,6 +280,8 @@ class State:
             return
         for d in {p.parent for p in moved}:
             _fs.fsync_dir(d)
+        if new_dirs:
+            _fs.fsync_dir(self.layout.objects)
 
     # -- bad bundles -------------------------------------------------------------------
 

@@ -197,7 +197,10 @@ class Transaction:
                 self._stage(op.temp, change.new.sha256, change.new.mode, *ids_for(change.new))
                 staged.append(op.temp)
                 _faults.point("stage-file")
-            _fs.make_durable(staged, SYNC_ALL_THRESHOLD)
+            if not _fs.make_durable(staged, SYNC_ALL_THRESHOLD):
+                # Without sync(2), each new directory's own entry needs its parent's
+                # fsync (the swap syncs the directories the targets are in, not theirs).
+                self._fsync_dirs(self.journal.dirs)
             _faults.point("staged-synced")
         except OSError as e:
             if e.errno == errno.ENOSPC:
