@@ -281,8 +281,12 @@ class GitRepo:
             mode, typ, oid, size = meta.decode("ascii").split()
             try:
                 path = raw_path.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise GitError(f"{raw_path!r} in commit {commit[:12]}: path is not UTF-8") from e
+            except UnicodeDecodeError:
+                # gitops.yaml and templates name files in UTF-8 text: this one can never
+                # be referenced, so it cannot stop the build (say so, in case it was meant).
+                logger.warning("%r in commit %s: name is not UTF-8; no config or template "
+                               "can refer to it, left out", raw_path, commit[:12])
+                continue
             entries[path] = TreeEntry(path=path, mode=mode, type=typ, oid=oid,
                                       size=None if size == "-" else int(size))
         return entries

@@ -413,6 +413,17 @@ def test_referenced_symlink_is_rejected_unreferenced_is_fine(fleet: FleetRepo) -
         render(fleet)
 
 
+def test_a_file_name_that_is_not_utf8_does_not_stop_the_build(
+        fleet: FleetRepo, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing in gitops.yaml or a template can name it (they are UTF-8 text)."""
+    (fleet.root / "files").mkdir(exist_ok=True)
+    (fleet.root / "files").joinpath(os.fsdecode(b"caf\xe9-latin1.txt")).write_bytes(b"x\n")
+    fleet.commit()
+    result = render(fleet)
+    assert "frodo" in result.hosts
+    assert "name is not UTF-8" in caplog.text
+
+
 def test_duplicate_dest(fleet: FleetRepo) -> None:
     fleet.replace("gitops.yaml", "    dest: /etc/backup/exclude.txt\n",
                   "    dest: /etc/motd\n")
