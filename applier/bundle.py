@@ -263,8 +263,12 @@ def _wrap_stream_errors(path: Path) -> Iterator[None]:
     """Decompressor and I/O failures become one-line verification errors."""
     try:
         yield
-    except VerificationError:
-        raise
+    except VerificationError as e:
+        text = str(e)
+        if text.startswith(f"{path}:"):
+            raise
+        # The tar reader's own words ('bundle is truncated at byte N') name no file.
+        raise type(e)(f"{path}: {text}") from e
     except (EOFError, zlib.error) as e:
         raise FormatError(f"{path}: corrupt or truncated compressed stream: {e}") from e
     except OSError as e:

@@ -478,10 +478,12 @@ def _truncated(compression: str, cut: Callable[[int, int], int]) -> Callable[[Ct
 
 
 _TRUNCATED = r"truncated|no manifest.json"
-add("truncated-empty-file", V, r"bundle is truncated at byte 0", _truncated("none", lambda n, e: 0))
+add("truncated-empty-file", V, r"error: /\S+\.tar: bundle is truncated at byte 0",
+    _truncated("none", lambda n, e: 0))
 add("truncated-in-first-header", V, _TRUNCATED, _truncated("none", lambda n, e: 300))
 add("truncated-in-manifest", V, _TRUNCATED, _truncated("none", lambda n, e: 700))
-add("truncated-in-payload", V, _TRUNCATED, _truncated("none", lambda n, e: e - 600))
+add("truncated-in-payload", V, r"error: /\S+\.tar: bundle is truncated at byte \d+",
+    _truncated("none", lambda n, e: e - 600))
 add("truncated-in-end-marker", V, _TRUNCATED, _truncated("none", lambda n, e: e + 512))
 add("truncated-gzip-half", V, r"corrupt or truncated compressed stream|truncated",
     _truncated("gzip", lambda n, e: n // 2))
