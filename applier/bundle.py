@@ -24,9 +24,10 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from applier import _gunzip, _tar
+from applier._zstdframes import ZstdFrames
 from applier.errors import (
     DigestMismatchError,
     FormatError,
@@ -97,7 +98,9 @@ def compression_of(head: bytes) -> str:
 
 
 @contextlib.contextmanager
-def _decompressed(raw: BinaryIO, path: Path) -> Iterator[BinaryIO]:
+def _decompressed(raw: BinaryIO, path: Path,
+                  frames: list[ZstdFrames] | None = None) -> Iterator[BinaryIO]:
+    """The decompressed stream; for zstd, the frame checker goes into ``frames``."""
     head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
     kind = compression_of(head)
     if kind == "gzip":
@@ -112,7 +115,11 @@ def _decompressed(raw: BinaryIO, path: Path) -> Iterator[BinaryIO]:
             raise FormatError(
                 f"{path}: bundle is zstd-compressed but the zstandard module is not installed"
             ) from None
-        with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as z:
+        checked = ZstdFrames(raw)
+        if frames is not None:
+            frames.append(checked)
+        with zstandard.ZstdDecompressor().stream_reader(
+                cast(BinaryIO, checked), read_across_frames=True) as z:
             yield io.BufferedReader(z, _DECOMPRESSED_BUFFER)
     else:
         yield raw
@@ -154,12 +161,17 @@ class BundleFile:
         self.path = Path(path)
         self._stack = contextlib.ExitStack()
         self._tar: _tar.TarReader | None = None
+        self._frames: list[ZstdFrames] = []  # a zstd bundle's frame checker
         self.compression = "none"
 
     def __enter__(self) -> BundleFile:
-        raw = self._stack.enter_context(_open_regular(self.path))
-        self.compression = compression_of(raw.peek(4)[:4])
-        stream = self._stack.enter_context(_decompressed(raw, self.path))
+        try:
+            raw = self._stack.enter_context(_open_regular(self.path))
+            self.compression = compression_of(raw.peek(4)[:4])
+            stream = self._stack.enter_context(_decompressed(raw, self.path, self._frames))
+        except BaseException:
+            self._stack.close()  # __exit__ is not called when __enter__ raises
+            raise
         head_limit = (2 * _tar.BLOCK + MAX_MANIFEST_SIZE + MAX_SIGNATURE_SIZE + 2 * _tar.BLOCK)
         self._tar = _tar.TarReader(stream, head_limit)
         return self
@@ -234,6 +246,9 @@ class BundleFile:
                 what = "duplicate" if extra.name in seen else "not named by the manifest"
                 raise UnexpectedMemberError(f"{self.path}: member {extra.name!r} is {what}")
             self.tar.finish()
+            # gzip checks its own end (_gunzip); zstd's reader stops quietly at EOF.
+            if self._frames and not self._frames[0].complete:
+                raise FormatError(f"{self.path}: zstd stream ends inside a frame (truncated)")
 
     def _stream_member(self, header: _tar.Header, digest: str, out: BlobSink | None) -> None:
         h = hashlib.sha256()

@@ -120,7 +120,7 @@ def _compressed(raw: BinaryIO, compression: str) -> Iterator[BinaryIO]:
             import zstandard  # noqa: PLC0415 - optional dependency
         except ImportError:
             raise BuildUsageError("zstd output needs the zstandard module "
-                             "(pip install 'gitops-airgap[zstd]')") from None
+                                  "(pip install 'gitops-airgap[zstd]')") from None
         cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_checksum=True)
         with cctx.stream_writer(raw, closefd=False) as z:
             yield z

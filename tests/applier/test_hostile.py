@@ -492,6 +492,26 @@ add("truncated-gzip-trailer", V, r"corrupt or truncated compressed stream",
 add("truncated-gzip-header", V, r"corrupt or truncated compressed stream",
     _truncated("gzip", lambda n, e: 5))
 add("truncated-zstd-half", V, r"truncated|corrupt zstd", _truncated("zstd", lambda n, e: n // 2))
+# Every decompressed byte is there; only the frame's checksum is cut (zstandard's
+# reader took that for a complete stream).
+add("truncated-zstd-checksum", V, r"\.tar: zstd stream ends inside a frame \(truncated\)",
+    _truncated("zstd", lambda n, e: n - 4))
+add("truncated-zstd-checksum-byte", V, r"zstd stream ends inside a frame",
+    _truncated("zstd", lambda n, e: n - 1))
+
+
+def _skippable(where: str) -> Callable[[Ctx], Path]:
+    """A zstd skippable frame: bytes every zstd reader ignores and no signature covers."""
+    def build(c: Ctx) -> Path:
+        data = compress(assemble(valid_parts(c.new, c.key)), "zstd")
+        frame = b"\x50\x2a\x4d\x18" + (11).to_bytes(4, "little") + b"hidden data"
+        return write(c.out(), frame + data if where == "before" else data + frame)
+    return build
+
+
+add("zstd-skippable-frame-after", V, r"zstd stream holds a skippable frame", _skippable("after"))
+add("zstd-skippable-frame-before", V, r"tar header at byte 0",  # not zstd magic: a tar
+    _skippable("before"), early=True)
 
 
 # A flipped bit in the middle of a compressed stream can surface as any structural
@@ -671,8 +691,8 @@ def counting_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     real = bundle_mod._decompressed
 
     @contextlib.contextmanager
-    def wrapped(raw: Any, path: Path) -> Iterator[Any]:
-        with real(raw, path) as stream:
+    def wrapped(raw: Any, path: Path, *rest: Any) -> Iterator[Any]:
+        with real(raw, path, *rest) as stream:
             yield CountingReader(stream, counter)
 
     monkeypatch.setattr(bundle_mod, "_decompressed", wrapped)

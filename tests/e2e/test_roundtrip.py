@@ -134,11 +134,14 @@ def test_build_apply_change_rollback_on_two_hosts(
 
 def test_two_builds_of_one_commit_are_byte_identical(
         fleet_repo: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    signers = write_allowed_signers(tmp_path / "allowed_signers", signing_key)
     for suffix in (".tar", ".tar.gz", ".tar.zst"):
         a, b = tmp_path / f"a{suffix}", tmp_path / f"b{suffix}"
         run("gitops-bundle", "build", fleet_repo, "--key", signing_key.private, "-o", a)
         run("gitops-bundle", "build", fleet_repo, "--key", signing_key.private, "-o", b)
         assert a.read_bytes() == b.read_bytes(), suffix
+        # Each compression the builder writes is read back whole, its end checked.
+        run("gitops-bundle", "verify", a, "--allowed-signers", signers)
 
 
 def test_a_detached_ci_clone_rebuilds_the_same_bytes_when_told_the_branch(
