@@ -196,10 +196,12 @@ class Host:
     # -- recovery ---------------------------------------------------------------------
 
     def recover(self) -> dict[str, Any] | None:
-        """Finish (roll back or forward) an interrupted transaction; audit what was done."""
+        """Finish (roll back or forward) an interrupted transaction; audit what was done;
+        then adopt a key rotation that a crash kept from being adopted."""
         done = recover(self.layout, self.state.current().txid, self._run_all)
         if done is not None:
             self.state.audit("recover", **done)
+        self.finish_trust()
         return done
 
     # -- verify -----------------------------------------------------------------------
@@ -209,7 +211,7 @@ class Host:
 
         A journal whose lock is held belongs to a live apply, not a dead one: skip it.
         """
-        if not pending(self.layout):
+        if not pending(self.layout) and not self._trust_unadopted():
             return None
         try:
             with locked(self.layout, 0.0):
@@ -296,15 +298,51 @@ class Host:
                 verified = result.verified
                 report = self._transact(verified, chosen["entry"],
                                         staging if result.payload_read else None, "apply",
-                                        dry_run, current, payload_read=result.payload_read)
+                                        dry_run, current, payload_read=result.payload_read,
+                                        trust_pending=bool(rotations))
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             if rotations and not dry_run:
+                # After the commit point: a crash (or a full disk) between the two is
+                # finished by the next command (finish_trust), never lost.
                 self._config = trust_store.adopt(self.layout, self.config, self.state,
                                                  rotations[0])
                 self._config_digest = None  # adopt wrote config.yaml and its cache
             report.recovered = recovered
             return report
+
+    def reload_config(self) -> None:
+        """Read config.yaml again at its next use (a long-running watch: an operator may
+        have raised the threshold, or a manual apply adopted a key rotation)."""
+        self._config = None
+        self._config_digest = None
+
+    def _trust_unadopted(self) -> bool:
+        current = self.state.current()
+        return (current.trust_pending and current.bundle_id is not None
+                and self.config.trust_sequence < current.sequence)
+
+    def finish_trust(self) -> None:
+        """Adopt the key rotation of the current bundle if a crash came between its
+        commit and the adoption (a revocation must not be lost). Under the lock."""
+        if not self._trust_unadopted():
+            return
+        current = self.state.current()
+        if current.bundle_id is None:
+            return
+        retained = self.state.get_retained(current.bundle_id)
+        now = self.now(current)
+        # Its signatures are checked again, against the trust still in force (the old
+        # keys signed it, or it would not have been applied), then the rotation's.
+        verified = verify_manifest(retained.manifest_bytes, retained.signature_bytes,
+                                   self.trust(), now, self.config.host)
+        rotation = check_rotation(verified, trust_store.load_root(self.layout, self.config),
+                                  now)
+        if rotation is not None:
+            logger.warning("adopting the key rotation of bundle %s, interrupted after it "
+                           "was applied", current.bundle_id)
+            self._config = trust_store.adopt(self.layout, self.config, self.state, rotation)
+            self._config_digest = None
 
     def _content(self, staging: Path | None) -> Callable[[str], Path]:
         def content(sha: str) -> Path:
@@ -326,7 +364,7 @@ class Host:
     def _transact(self, verified: VerifiedManifest, entry: HostEntry, staging: Path | None,
                   purpose: str, dry_run: bool, current: Current, *,
                   plan: Plan | None = None, audit: dict[str, Any] | None = None,
-                  payload_read: bool = True) -> Report:
+                  payload_read: bool = True, trust_pending: bool = False) -> Report:
         # ``plan`` and ``audit``: drift repair (drift.py) passes a plan of just the
         # drifted files and who/what to record, and otherwise goes the same way.
         m = verified.manifest
@@ -364,7 +402,7 @@ class Host:
             # Re-applying the current bundle to a host that matches it writes nothing
             # but its audit record: no new commit point, no retention work.
             if not report.noop:
-                self._commit(verified, staging, current, tx.txid, digest)
+                self._commit(verified, staging, current, tx.txid, digest, trust_pending)
             elif staging is not None and staging.is_dir():
                 # A content the store had lost came back with the bundle: keep it for
                 # rollback and drift repair, even though nothing else changes.
@@ -438,7 +476,7 @@ class Host:
                 raise failure(cmd, r)
 
     def _commit(self, verified: VerifiedManifest, staging: Path | None, current: Current,
-                txid: str, digest: str) -> None:
+                txid: str, digest: str, trust_pending: bool = False) -> None:
         m = verified.manifest
         self.state.retain(verified, self.config.host)
         if staging is not None and staging.is_dir():
@@ -448,7 +486,7 @@ class Host:
             applied_at=int(self.clock()),
             highest_sequence=max(current.highest_sequence, m.sequence),
             newest_created=max(current.newest_created, m.created),
-            manifest_sha256=digest, txid=txid,
+            manifest_sha256=digest, txid=txid, trust_pending=trust_pending,
         ))
 
     def _audit(self, purpose: str, m: Manifest, verified: VerifiedManifest, plan: Plan,

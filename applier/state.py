@@ -53,6 +53,10 @@ class Current:
     newest_created: int
     manifest_sha256: str | None = None
     txid: str | None = None  # the transaction this commit closed (recovery compares it)
+    # The bundle carries a key rotation, adopted just after this commit: if a crash
+    # came first, the next command adopts it (Host.finish_trust) while the config's
+    # trust_sequence is still below this bundle's sequence.
+    trust_pending: bool = False
 
     @classmethod
     def empty(cls) -> Current:

@@ -27,7 +27,9 @@ Not for: the apply itself (apply.py).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -90,6 +92,53 @@ def is_bundle_name(name: str) -> bool:
 
 def _key(path: Path, size: int, mtime_ns: int) -> str:
     return f"{path.resolve()}|{size}|{mtime_ns}"
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()`` that takes a name too long (or any error) for absence."""
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True
+
+
+def _shown(path: Path | str) -> str:
+    """A path as text for a log or a reason: a name that is not UTF-8 (bytes Python
+    keeps as surrogates) is written with backslash escapes, never raised on."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "backslashreplace")
+
+
+def _reason_name(name: str) -> str:
+    """Where a rejected bundle's reason goes: NAME.reason, or for a name too long to
+    take the suffix (or its temp name) a short one with a digest of the name."""
+    shown = _shown(name)
+    if len(shown.encode()) <= 160 and shown == name:
+        return name + ".reason"
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return f"{shown[:100]}-{digest}.reason"
+
+
+def _write_at(dir_fd: int, name: str, data: bytes) -> None:
+    """Write ``name`` in the directory ``dir_fd`` atomically (temp, fsync, rename)."""
+    tmp = f".{name}.tmp-{_fs.random_hex(6)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644, dir_fd=dir_fd)
+    try:
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
 
 
 @dataclass
@@ -169,7 +218,7 @@ class Watcher:
                     stable = self.settle <= 0  # "--settle 0": take it as it is
                 else:
                     stable = now - prev.first_seen >= self.settle
-                if stable or (inbox / (name + DONE)).exists():
+                if stable or _exists(inbox / (name + DONE)):
                     out.append((path, st))
         for gone in set(self._sightings) - present:
             del self._sightings[gone]
@@ -178,12 +227,17 @@ class Watcher:
     def poll(self) -> list[Outcome]:
         """Look once; apply the newest acceptable ready bundle. Never raises for a bundle."""
         outcomes: list[Outcome] = []
+        # A long-running watch sees config.yaml as it is now (a threshold raised, trust
+        # rotated by a manual apply), and first finishes what a crash interrupted,
+        # including a key rotation: a bundle 'already applied' is never looked at again.
+        self.host.reload_config()
+        self.host.recover_pending()
         candidates: list[tuple[int, int, Path, os.stat_result, str]] = []
         for path, st in self.ready():
             try:
                 seq, peeked = self._peek(path)
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the loop
-                outcomes.append(self._settle_failure(path, st, e))
+                outcomes.append(self._failure(path, st, e))
                 continue
             candidates.append((seq, st.st_mtime_ns, path, st, peeked))
         current = self.host.state.current()
@@ -204,7 +258,7 @@ class Watcher:
             try:
                 report = self.host.apply(path)
             except Exception as e:  # noqa: BLE001 - keep running after any failure
-                outcomes.append(self._settle_failure(path, st, e))
+                outcomes.append(self._failure(path, st, e))
                 continue
             winner = report.bundle_id
             outcomes.append(self._done(path, st, "applied",
@@ -226,6 +280,19 @@ class Watcher:
         verified = verify_manifest(manifest_bytes, sig, self.host.trust(),
                                    self.host.now(current), self.host.config.host)
         return verified.manifest.sequence, verified.manifest_sha256
+
+    def _failure(self, path: Path, st: os.stat_result, e: Exception) -> Outcome:
+        """``_settle_failure``, which never raises: a file whose name is too long, not
+        UTF-8, or on a stick pulled out mid-read must not stop the other bundles."""
+        try:
+            return self._settle_failure(path, st, e)
+        except Exception as inner:  # noqa: BLE001 - logged; the poll goes on
+            logger.error("cannot record the outcome for %s: %s",  # noqa: TRY400 - one line
+                         _shown(path), inner)
+            self._deferred[_key(path, st.st_size, st.st_mtime_ns)] = (
+                time.monotonic() + RETRY_AFTER)
+            return Outcome(path, "deferred", f"{e}; and its outcome could not be recorded: "
+                                             f"{inner}")
 
     def _settle_failure(self, path: Path, st: os.stat_result, e: Exception) -> Outcome:
         try:
@@ -262,26 +329,37 @@ class Watcher:
 
     def _move_aside(self, path: Path, reason: str) -> str:
         """Move a rejected bundle into INBOX/rejected/ with its reason; if the inbox is
-        read-only, leave it and write the reason under the state dir."""
+        read-only (or rejected/ is anything but a real directory), leave it and write
+        the reason under the state dir."""
         aside = path.parent / REJECTED
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        text = f"{stamp} {self.host.config.host}: {reason}\n".encode()
+        text = _utf8(f"{stamp} {self.host.config.host}: {reason}\n")
+        note = _reason_name(path.name)
         try:
-            aside.mkdir(exist_ok=True, mode=0o755)
-            _fs.atomic_write(aside / (path.name + ".reason"), text, 0o644)
-            os.replace(path, aside / path.name)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(aside, 0o755)
+            # Never through a symlink (a writable inbox could point rejected/ anywhere,
+            # and this runs as root): the directory is opened without following one,
+            # and the reason and the bundle go into that very directory.
+            fd = os.open(aside, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                _write_at(fd, note, text)
+                os.replace(path, path.name, dst_dir_fd=fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             _fs.remove_quietly(path.parent / (path.name + DONE))
             _fs.fsync_dir(path.parent)
         except (OSError, HostIOError) as e:
             err = getattr(e, "errno", None) or getattr(e.__cause__, "errno", None)
             if err not in (errno.EROFS, errno.EACCES, errno.EPERM, None):
-                logger.warning("cannot move %s aside: %s", path, e)
+                logger.warning("cannot move %s aside: %s", _shown(path), e)
             state_aside = self.host.layout.state_dir / "watch" / REJECTED
             state_aside.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _fs.atomic_write(state_aside / (path.name + ".reason"),
-                             text + f"file left in place: {path}\n".encode(), 0o600)
-            return f"inbox not writable; reason in {state_aside / (path.name + '.reason')}"
-        return f"moved to {aside / path.name}"
+            _fs.atomic_write(state_aside / note,
+                             text + _utf8(f"file left in place: {_shown(path)}\n"), 0o600)
+            return f"inbox not writable; reason in {_shown(state_aside / note)}"
+        return f"moved to {_shown(aside / path.name)}"
 
     # -- the loop --------------------------------------------------------------------
 

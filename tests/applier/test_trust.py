@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -331,3 +335,48 @@ def test_audit_log_records_the_rotation(host: Path, tmp_path: Path, keys: dict[s
     assert record["threshold"] == 1
     assert len(record["signed_by_old"]) == 1
     assert len(record["signed_by_new"]) == 1
+
+
+def _gitops_apply(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "applier.cli", "--root", str(root), *args],
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("then", ["status", "watch"])
+def test_a_crash_between_commit_and_adoption_never_loses_a_revocation(
+        tmp_path: Path, keys: dict[str, KeyPair], then: str) -> None:
+    """Killed right after the rotation bundle's commit point, before the new trust was
+    written: the next command (a status, or the watcher, which skips a bundle already
+    applied) adopts it, and the revoked key's bundles are refused from then on."""
+    alice, bob = keys["alice"], keys["bob"]
+    root = tmp_path / "frodo"
+    init(root, tmp_path, alice)
+    assert _gitops_apply(root, "apply", str(write_bundle(tmp_path / "b1.tar", spec(1),
+                                                         alice))).returncode == 0
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rotation = write_bundle(inbox / "b2.tar", spec(2), alice, bob,
+                            trust=TrustUpdate(signers_text(bob), threshold=1))
+    probe = tmp_path / "probe"
+    shutil.copytree(root, probe, symlinks=True)
+    log = tmp_path / "faults.log"
+    assert _gitops_apply(probe, "apply", str(rotation),
+                         GITOPS_FAULT_LOG=str(log)).returncode == 0
+    at = next(int(line.split()[0]) for line in log.read_text().splitlines()
+              if line.endswith(" current:renamed"))
+    killed = _gitops_apply(root, "apply", str(rotation), GITOPS_FAULT_AT=str(at))
+    assert killed.returncode == -signal.SIGKILL
+    assert config(root)["allowed_signers"] == "allowed_signers"  # not adopted yet
+    if then == "status":
+        assert _gitops_apply(root, "status").returncode == 0
+    else:
+        done = _gitops_apply(root, "watch", "--once", "--settle", "0", str(inbox))
+        assert done.returncode == 0, done.stderr
+        assert "already applied" in done.stdout
+    assert config(root)["allowed_signers"] == "allowed_signers.2"
+    assert [e["bundle_id"] for e in trust_events(root)] == [spec(2).manifest().bundle_id]
+    revoked = _gitops_apply(root, "apply", str(write_bundle(tmp_path / "a3.tar", spec(3),
+                                                            alice)))
+    assert revoked.returncode == ExitCode.VERIFICATION, revoked.stderr
+    assert motd(root) == b"motd 2\n"

@@ -210,3 +210,57 @@ def test_cli_once_and_sigterm(
     assert proc.returncode == 0, err
     assert "stopping" in err
     assert os.path.exists(inbox / "b1.tar")
+
+
+def test_junk_names_on_the_stick_do_not_stop_a_good_bundle(
+        root: Path, inbox: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    """A name too long to take '.done' or '.reason', and one that is not UTF-8: each
+    is dealt with on its own, and the genuine bundle beside them is applied."""
+    (inbox / "good-2.tar").write_bytes(bundle(tmp_path, signing_key, 2).read_bytes())
+    (inbox / ("z" * 251 + ".tar")).write_bytes(b"not a bundle")
+    with open(os.fsencode(inbox) + b"/junk-\xff.tar", "wb") as f:
+        f.write(b"not a bundle either")
+    for settle in ("5", "0"):  # .done probed (settle 5) / taken at once (settle 0)
+        proc = subprocess.run([sys.executable, "-m", "applier.cli", "--root", str(root),
+                               "watch", "--once", "--settle", settle, "--interval", "0.1",
+                               str(inbox)], capture_output=True, text=True,
+                              timeout=DEADLINE, check=False)
+        assert proc.returncode == 0, proc.stderr
+    assert motd(root) == b"motd 2\n"
+    rejected = sorted(p.name for p in (inbox / "rejected").iterdir())
+    assert [n for n in rejected if n.endswith(".reason")] == [
+        n for n in rejected if n.startswith(("junk-\\udcff.tar-", "z" * 100 + "-"))], rejected
+    assert len(rejected) == 4, rejected
+    assert Watcher(Host(root), [inbox], settle=0.0).run(0.05, once=True) == []
+
+
+def test_a_rejected_directory_that_is_a_symlink_is_never_followed(
+        root: Path, inbox: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "nightly.tar.gz").write_bytes(b"backup\n")
+    (inbox / "rejected").symlink_to(victim)
+    (inbox / "nightly.tar.gz").write_bytes(tampered(tmp_path, signing_key, 2).read_bytes())
+    [o] = Watcher(Host(root), [inbox], settle=0.0).run(0.05, once=True)
+    assert o.result == "rejected"
+    assert sorted(p.name for p in victim.iterdir()) == ["nightly.tar.gz"]
+    assert (victim / "nightly.tar.gz").read_bytes() == b"backup\n"
+    assert (inbox / "nightly.tar.gz").exists()
+    assert (root / "var/lib/gitops-apply/watch/rejected/nightly.tar.gz.reason").exists()
+
+
+def test_a_long_running_watch_reads_config_changes(
+        root: Path, inbox: Path, tmp_path: Path, signing_key: KeyPair) -> None:
+    """The operator raises the threshold after a key leak: a bundle with one signature
+    is refused by the watcher already running, as by the command line."""
+    watcher = Watcher(Host(root), [inbox], settle=0.0)
+    (inbox / "b1.tar").write_bytes(bundle(tmp_path, signing_key, 1).read_bytes())
+    [o] = watcher.poll()
+    assert o.result == "applied"
+    config = root / "etc/gitops-apply/config.yaml"
+    config.write_text(config.read_text().replace("threshold: 1", "threshold: 2"))
+    (inbox / "b2.tar").write_bytes(bundle(tmp_path, signing_key, 2).read_bytes())
+    [o] = watcher.poll()
+    assert o.result == "rejected", o
+    assert "2 required" in o.reason
+    assert motd(root) == b"motd 1\n"
