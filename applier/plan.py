@@ -211,8 +211,9 @@ def make_plan(layout: HostLayout, new: HostEntry, old: HostEntry | None,
         if path in new_paths:
             continue
         real = resolve_target(layout, path, prefixes, dirs)
-        if real in reals:  # the new bundle manages this very file under another name
-            continue
+        if real in reals:  # the new bundle manages this very file under another name,
+            continue       # or another dropped path already removes it
+        reals[real] = path
         disk = layout.on_disk(real)
         if not os.path.lexists(disk):
             continue

@@ -10,6 +10,7 @@ are one file on this host (through a directory symlink) are refused.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,17 @@ def test_dry_run_says_what_it_would_save_and_saves_nothing(
     assert drift.history(Host(root).layout) == []
     assert main(["--root", str(root), "apply", str(b)]) == 0
     assert "saved 1 file(s) the current bundle did not put there" in capsys.readouterr().out
+
+
+def test_two_dropped_paths_that_became_one_file_are_removed_once(
+        root: Path, tmp_path: Path, signing_key: KeyPair, systemctl: Systemctl) -> None:
+    """/srv/b became a symlink to /srv/a: the two paths bundle 1 managed are one file
+    now. Bundle 2 drops both; the file goes once, and the apply succeeds."""
+    host = Host(root)
+    host.apply(bundle(tmp_path, signing_key, 1, {"/srv/a/x": b"x\n", "/srv/b/x": b"x\n",
+                                                 CONF: b"v1\n"}))
+    shutil.rmtree(disk(root, "/srv/b"))
+    os.symlink("a", disk(root, "/srv/b"))
+    report = host.apply(bundle(tmp_path, signing_key, 2, {CONF: b"v1\n"}))
+    assert [c.path for c in report.plan.by_kind("remove")] == ["/srv/a/x"]
+    assert not disk(root, "/srv/a/x").exists()
