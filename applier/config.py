@@ -26,7 +26,9 @@ PROTECTED: tuple[str, ...] = ("/etc/gitops-apply", "/var/lib/gitops-apply")
 _MERGE = "tag:yaml.org,2002:merge"
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # The parse cache (HostConfig.load_cached) is valid for one release's meaning of the keys.
-_CACHE_VERSION = f"{__version__}/1"
+# /2: duplicate keys refused, allowed_signers a file name (a config the previous
+# release parsed with the last of two 'threshold:' keys winning is parsed again).
+_CACHE_VERSION = f"{__version__}/2"
 _KEYS = {"host", "retain", "allowed_signers", "threshold", "allowed_prefixes", "clock_skew",
          "allow_special_modes", "drift", "metrics_file", "trust_sequence"}
 

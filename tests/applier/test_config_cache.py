@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hostile import run_apply
 
+import applier
 from applier import config as config_module
 from applier.apply import Host
 from applier.cli import main
@@ -144,6 +145,24 @@ def test_config_mistakes_are_one_line_errors(
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1, err
     assert re.search(message, err[0]), err
+
+
+def test_a_cache_an_older_release_wrote_is_not_served(
+        root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The release before this one kept the last of two 'threshold:' keys: its parse
+    of such a config, cached, must not outlive the upgrade that refuses it."""
+    layout = HostLayout(root)
+    config = layout.config_file
+    config.write_text(config.read_text().replace("threshold: 1", "threshold: 2")
+                      + "threshold: 1\n")
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()
+    old = HostConfig(host="frodo", threshold=1)
+    layout.config_cache.write_text(json.dumps({
+        "version": f"{applier.__version__}/1", "config_sha256": digest,
+        "config": old.to_dict()}))
+    capsys.readouterr()
+    assert main(["--root", str(root), "status"]) == ExitCode.HOST_CONFIG
+    assert "duplicate key 'threshold'" in capsys.readouterr().err
 
 
 def test_host_uses_the_cached_config(root: Path) -> None:
