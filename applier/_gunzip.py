@@ -29,7 +29,8 @@ from typing import Any, BinaryIO
 IN_CHUNK = 256 << 10
 OUT_CHUNK = 256 << 10
 AHEAD = 8
-MAX_EMPTY_MEMBERS = 64
+MAX_EMPTY_MEMBERS = 64  # members allowed beyond one per MIN_MEMBER_OUTPUT inflated
+MIN_MEMBER_OUTPUT = 32 << 10
 _GZIP = 16 + zlib.MAX_WBITS  # zlib parses the gzip header and checks the trailer
 
 _ZLIB_WORDS = {
@@ -51,7 +52,8 @@ def _clear(e: zlib.error) -> zlib.error:
 def inflate(raw: BinaryIO) -> Iterator[bytes]:
     """The decompressed bytes of a gzip stream, in chunks of at most ``OUT_CHUNK``."""
     member: Any = None  # the zlib decompressor of the member being read
-    empty = 0  # members in a row that inflated to nothing (the current one included)
+    members = 0
+    produced = 0  # bytes inflated so far
     while data := raw.read(IN_CHUNK):
         while data:
             if member is None:
@@ -59,12 +61,19 @@ def inflate(raw: BinaryIO) -> Iterator[bytes]:
                 if not data:
                     break
                 member = zlib.decompressobj(_GZIP)
-                empty += 1
+                members += 1
+                if members > MAX_EMPTY_MEMBERS + produced // MIN_MEMBER_OUTPUT:
+                    # Each member costs a decompressor and a loop, and a tiny one yields
+                    # (nearly) nothing, so no byte budget stops a file of them: it would
+                    # hold the host lock for as long as it lasts. The builder writes a
+                    # member per MiB of tar; bgzip-style tools one per 64 KiB.
+                    raise zlib.error(f"more gzip members ({members}) than {produced} "
+                                     "inflated bytes justify")
             try:
                 out = member.decompress(data, OUT_CHUNK)
                 while True:
                     if out:
-                        empty = 0
+                        produced += len(out)
                         yield out
                     # Output stops at OUT_CHUNK: the rest waits as unconsumed input
                     # or inside zlib; ask until a call returns less than a chunk. At
@@ -76,12 +85,6 @@ def inflate(raw: BinaryIO) -> Iterator[bytes]:
             except zlib.error as e:
                 raise _clear(e) from None
             if member.eof:
-                if empty > MAX_EMPTY_MEMBERS:
-                    # Each costs a decompressor and yields no byte, so no byte budget
-                    # stops them: a stick full of 20-byte members would hold the lock
-                    # for many minutes. A builder never writes even one.
-                    raise zlib.error(f"more than {MAX_EMPTY_MEMBERS} empty gzip members "
-                                     "in a row")
                 data = member.unused_data
                 member = None
             else:
