@@ -43,7 +43,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # In a non-ASCII path: C1 controls (U+0085 NEL, U+009B CSI, ...), the bidirectional
 # overrides and isolates, and the line and paragraph separators, which would reach a
 # terminal or a log verbatim in every message naming the path.
-_UNICODE_CONTROL = re.compile("[\x80-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_UNICODE_CONTROL = re.compile("[\x80-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 # Every top-level manifest field but "hosts" (what ``Manifest._head`` writes).
 _HEAD_FIELDS = frozenset({"format", "bundle_id", "sequence", "created", "expires", "source",

@@ -238,7 +238,7 @@ def _path_with(char: str) -> Callable[[dict[str, Any]], None]:
 
 
 for _name, _char in (("c1-csi", "\x9b"), ("c1-nel", "\x85"), ("bidi-override", "\u202e"),
-                     ("line-separator", "\u2028")):
+                     ("line-separator", "\u2028"), ("arabic-letter-mark", "\u061c")):
     add(f"manifest-path-{_name}", V, r"contains a control or bidirectional character",
         _resigned(_path_with(_char)))
 add("manifest-path-over-3072-bytes", V, r"is longer than 3072 bytes",
