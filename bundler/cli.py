@@ -7,6 +7,7 @@ become one line on stderr and their exit code; see README "Exit codes".
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -42,6 +43,31 @@ PROG = "gitops-bundle"
 def cli(verbose: bool) -> None:
     """Build, sign, verify and inspect GitOps bundles for offline hosts."""
     _log.setup(PROG, verbose)
+
+
+_BRANCH = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)(?!.*/\.)(?!.*\.lock$)[A-Za-z0-9._/-]{1,190}"
+                     r"(?<![/.])")
+
+
+def _branch(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--branch: '' records none; else a branch name git accepts and the manifest's
+    ref pattern holds (letters, digits, '.', '_', '-', '/')."""
+    del ctx, param
+    if value is None or value == "":
+        return value
+    if not _BRANCH.fullmatch(value) or value.startswith(("/", ".")):
+        raise click.BadParameter(f"{value!r} is not a branch name a bundle can record "
+                                 "(letters, digits, '.', '_', '-', '/'; as git allows)")
+    return value
+
+
+def _repo_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    del ctx, param
+    if value is not None and (not value.strip() or not value.isprintable()
+                              or len(value) > 200):
+        raise click.BadParameter(f"{value!r} is not a repository name (printable text, "
+                                 "1-200 characters)")
+    return value
 
 
 class _OutputFile(click.Path):
@@ -99,10 +125,10 @@ def _not_the_key(out: Path | None, key_path: Path) -> None:
               help="Signatures the new trust requires (with --trust-update).")
 @click.option("--reset-sequence", is_flag=True,
               help="With --trust-update: let hosts reset their sequence high-water mark.")
-@click.option("--branch", metavar="NAME",
+@click.option("--branch", metavar="NAME", callback=_branch,
               help="Record this branch (default: the one --rev names, none for a commit id "
                    "or a detached CI checkout), so a rebuild elsewhere gives the same bytes.")
-@click.option("--repo-name", metavar="NAME",
+@click.option("--repo-name", metavar="NAME", callback=_repo_name,
               help="Record this repository name (default: the clone's directory name).")
 def build_cmd(repo: Path, rev: str, subpath: str, key_path: Path, out: Path,
               expires: int | None, sequence: int | None, compression: str | None,
@@ -214,7 +240,10 @@ def _run(argv: list[str]) -> int:
 
 
 def _terminated(signum: int, frame: object) -> None:
-    del signum, frame
+    del frame
+    # Once: a second SIGTERM (or one that lands where Python must ignore an exception,
+    # in a finaliser) ends the process the default way.
+    signal.signal(signum, signal.SIG_DFL)
     # As Ctrl-C does: every with-block and finally on the way out runs, so a CI job
     # cancelled (or 'timeout') mid-build leaves no temp directory behind.
     raise KeyboardInterrupt
