@@ -416,7 +416,8 @@ def save(layout: HostLayout, drifted: Sequence[Drifted | Displaced], bundle_id: 
         _fs.fsync_dir(base)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _fs.io_error(e, f"cannot save drifted files under {base}; nothing repaired") from e
+        raise _fs.io_error(e, f"cannot save the files {purpose} would overwrite under {base}; "
+                              "nothing changed") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
