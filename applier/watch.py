@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from applier import _fs
+from applier import _fs, trust_store
 from applier.bundle import BundleFile
 from applier.errors import (
     ApplierError,
@@ -51,6 +51,7 @@ from applier.errors import (
     ReplayError,
     StateError,
 )
+from applier.trust import TrustRoot
 from applier.verify import verify_manifest
 
 if TYPE_CHECKING:
@@ -141,6 +142,18 @@ def _write_at(dir_fd: int, name: str, data: bytes) -> None:
         raise
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A ready bundle whose signature checked out: what the poll orders it by."""
+
+    seq: int
+    mtime: int
+    path: Path
+    st: os.stat_result
+    digest: str
+    rotates: bool  # carries a key rotation the host has not adopted
+
+
 @dataclass
 class Watcher:
     """Polls inboxes and applies what arrives. ``poll`` is one cycle; ``run`` the loop."""
@@ -225,46 +238,57 @@ class Watcher:
         return out
 
     def poll(self) -> list[Outcome]:
-        """Look once; apply the newest acceptable ready bundle. Never raises for a bundle."""
+        """Look once; apply the newest acceptable ready bundle. Never raises for a bundle.
+
+        Bundles that rotate the host's keys go first, oldest first, whatever is newer:
+        a newer bundle co-signed by old and new keys must not supersede the revocation,
+        and one signed by the new keys alone is refused by the old trust, so what the
+        old trust refused is looked at again once a rotation was adopted.
+        """
         outcomes: list[Outcome] = []
         # A long-running watch sees config.yaml as it is now (a threshold raised, trust
         # rotated by a manual apply), and first finishes what a crash interrupted,
         # including a key rotation: a bundle 'already applied' is never looked at again.
         self.host.reload_config()
         self.host.recover_pending()
-        candidates: list[tuple[int, int, Path, os.stat_result, str]] = []
-        for path, st in self.ready():
-            try:
-                seq, peeked = self._peek(path)
-            except Exception as e:  # noqa: BLE001 - one bad file must not stop the loop
-                outcomes.append(self._failure(path, st, e))
-                continue
-            candidates.append((seq, st.st_mtime_ns, path, st, peeked))
-        current = self.host.state.current()
-        winner: str | None = None
-        for seq, _, path, st, digest in sorted(candidates, key=lambda c: (c[0], c[1]),
-                                               reverse=True):
+        refused: list[tuple[Path, os.stat_result, Exception]] = []
+        candidates = self._candidates(self.ready(), refused)
+        done: set[Path] = set()
+        rotated = False
+        for c in sorted((c for c in candidates if c.rotates), key=lambda c: (c.seq, c.mtime)):
             if self.stop.is_set():
                 break
-            if digest == current.manifest_sha256:
-                outcomes.append(self._done(path, st, "skipped", "already applied"))
+            if c.seq <= self.host.state.current().highest_sequence:
+                continue  # the newest-first pass below says why it is skipped
+            done.add(c.path)
+            outcome = self._apply(c)
+            outcomes.append(outcome)
+            rotated = rotated or outcome.result == "applied"
+        if rotated and refused:
+            self.host.reload_config()
+            again, refused = refused, []
+            candidates += self._candidates([(path, st) for path, st, _ in again], refused)
+        outcomes += [self._failure(path, st, e) for path, st, e in refused]
+        current = self.host.state.current()
+        winner: str | None = None
+        for c in sorted(candidates, key=lambda c: (c.seq, c.mtime), reverse=True):
+            if self.stop.is_set():
+                break
+            if c.path in done:
                 continue
-            if winner is not None or seq <= current.highest_sequence:
+            if c.digest == current.manifest_sha256:
+                outcomes.append(self._done(c.path, c.st, "skipped", "already applied"))
+                continue
+            if winner is not None or c.seq <= current.highest_sequence:
                 why = (f"superseded by {winner}" if winner is not None else
-                       f"sequence {seq} is not above {current.highest_sequence} already "
+                       f"sequence {c.seq} is not above {current.highest_sequence} already "
                        "applied")
-                outcomes.append(self._done(path, st, "skipped", why))
+                outcomes.append(self._done(c.path, c.st, "skipped", why))
                 continue
-            try:
-                report = self.host.apply(path)
-            except Exception as e:  # noqa: BLE001 - keep running after any failure
-                outcomes.append(self._failure(path, st, e))
-                continue
-            winner = report.bundle_id
-            outcomes.append(self._done(path, st, "applied",
-                                       f"{len(report.plan.changes)} file(s) changed",
-                                       report.bundle_id))
-            logger.info("applied %s from %s", report.bundle_id, path)
+            outcome = self._apply(c)
+            outcomes.append(outcome)
+            if outcome.result == "applied":
+                winner = outcome.bundle_id
         if outcomes and self.on_cycle is not None:
             try:
                 self.on_cycle(outcomes)
@@ -272,14 +296,41 @@ class Watcher:
                 logger.exception("after-cycle hook failed")
         return outcomes
 
-    def _peek(self, path: Path) -> tuple[int, str]:
-        """The bundle's sequence and manifest digest, after its signature checked out."""
+    def _candidates(self, ready: list[tuple[Path, os.stat_result]],
+                    refused: list[tuple[Path, os.stat_result, Exception]]) -> list[_Candidate]:
+        """Peek at each ready bundle; what cannot be peeked at goes to ``refused``."""
+        out: list[_Candidate] = []
+        root = trust_store.load_root(self.host.layout, self.host.config)
+        for path, st in ready:
+            try:
+                out.append(self._peek(path, st, root))
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop the loop
+                refused.append((path, st, e))
+        return out
+
+    def _apply(self, c: _Candidate) -> Outcome:
+        try:
+            report = self.host.apply(c.path)
+        except Exception as e:  # noqa: BLE001 - keep running after any failure
+            return self._failure(c.path, c.st, e)
+        logger.info("applied %s from %s", report.bundle_id, _shown(c.path))
+        return self._done(c.path, c.st, "applied", f"{len(report.plan.changes)} file(s) changed",
+                          report.bundle_id)
+
+    def _peek(self, path: Path, st: os.stat_result, root: TrustRoot) -> _Candidate:
+        """The bundle's sequence and manifest digest, after its signature checked out,
+        and whether it carries a key rotation not adopted yet."""
         with BundleFile(path) as bundle:
             manifest_bytes, sig = bundle.signed_part()
         current = self.host.state.current()
         verified = verify_manifest(manifest_bytes, sig, self.host.trust(),
                                    self.host.now(current), self.host.config.host)
-        return verified.manifest.sequence, verified.manifest_sha256
+        m = verified.manifest
+        rotates = (m.trust is not None and m.sequence > root.sequence
+                   and (m.trust.allowed_signers, m.trust.threshold)
+                   != (root.allowed_signers, root.threshold))
+        return _Candidate(m.sequence, st.st_mtime_ns, path, st, verified.manifest_sha256,
+                          rotates)
 
     def _failure(self, path: Path, st: os.stat_result, e: Exception) -> Outcome:
         """``_settle_failure``, which never raises: a file whose name is too long, not

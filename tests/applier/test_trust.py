@@ -26,6 +26,7 @@ from applier.config import HostConfig
 from applier.errors import ExitCode
 from applier.manifest import TrustUpdate
 from applier.paths import HostLayout
+from applier.watch import Watcher
 from bundler import cli as bundler_cli
 
 from factory import (
@@ -380,3 +381,30 @@ def test_a_crash_between_commit_and_adoption_never_loses_a_revocation(
                                                             alice)))
     assert revoked.returncode == ExitCode.VERIFICATION, revoked.stderr
     assert motd(root) == b"motd 2\n"
+
+
+@pytest.mark.parametrize("newer_signed_by", ["old-and-new", "new-only"])
+def test_a_rotation_on_the_stick_with_a_newer_bundle_is_adopted_first(
+        host: Path, tmp_path: Path, keys: dict[str, KeyPair], newer_signed_by: str) -> None:
+    """The stick holds the rotation (sequence 2) and a newer bundle (3). Newest first
+    would skip the rotation as superseded (a co-signed 3 applies under the old trust:
+    the revocation is lost), or reject 3 before the rotation made its signer trusted."""
+    alice, bob = keys["alice"], keys["bob"]
+    init(host, tmp_path, alice)
+    Host(host).apply(write_bundle(tmp_path / "b1.tar", spec(1), alice))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    write_bundle(inbox / "b2.tar", spec(2), alice, bob,
+                 trust=TrustUpdate(signers_text(bob), threshold=1))
+    signers = (alice, bob) if newer_signed_by == "old-and-new" else (bob,)
+    write_bundle(inbox / "b3.tar", spec(3), *signers)
+    outcomes = {o.path.name: o.result for o in
+                Watcher(Host(host), [inbox], settle=0.0).run(0.05, once=True)}
+    assert outcomes == {"b2.tar": "applied", "b3.tar": "applied"}
+    assert config(host)["allowed_signers"] == "allowed_signers.2"
+    assert motd(host) == b"motd 3\n"
+    (inbox / "a4.tar").write_bytes(write_bundle(tmp_path / "a4.tar", spec(4), alice)
+                                   .read_bytes())
+    [o] = Watcher(Host(host), [inbox], settle=0.0).run(0.05, once=True)
+    assert o.result == "rejected"
+    assert motd(host) == b"motd 3\n"
