@@ -92,3 +92,31 @@ def test_installer_refuses_a_corrupted_wheelhouse(wheelhouse: Path, tmp_path: Pa
     assert proc.returncode != 0
     assert "checksum mismatch" in proc.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_installer_refuses_a_wheel_the_sums_do_not_list(wheelhouse: Path, tmp_path: Path) -> None:
+    """sha256sum -c checks only what SHA256SUMS lists, and pip takes the highest version
+    it finds: a stray (or planted) newer wheel would be installed."""
+    copy = tmp_path / "stick"
+    shutil.copytree(wheelhouse, copy)
+    ours = next(copy.glob("gitops_airgap-*.whl"))
+    shutil.copy(ours, copy / "gitops_airgap-99.0-py3-none-any.whl")
+    proc = install(copy, tmp_path)
+    assert proc.returncode != 0
+    assert "gitops_airgap-99.0-py3-none-any.whl is not listed in SHA256SUMS" in proc.stderr
+    assert not (tmp_path / "venv").exists()
+    (copy / "gitops_airgap-99.0-py3-none-any.whl").unlink()
+    (copy / "SHA256SUMS").unlink()
+    proc = install(copy, tmp_path)
+    assert proc.returncode != 0
+    assert "SHA256SUMS is missing" in proc.stderr
+
+
+def test_installer_refuses_a_venv_path_a_unit_cannot_hold(
+        wheelhouse: Path, tmp_path: Path) -> None:
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    proc = install(wheelhouse, spaced)
+    assert proc.returncode != 0
+    assert "cannot go into a systemd unit" in proc.stderr
+    assert not (spaced / "venv").exists()
