@@ -101,18 +101,25 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
-def load_trust_update(path: Path, threshold: int, reset_sequence: bool) -> TrustUpdate:
-    """A rotation from an allowed_signers file, checked as a host would parse it."""
+def _read_signers(path: Path, option: str = "") -> tuple[str, AllowedSigners]:
+    """An allowed_signers file the operator named, parsed as a host parses it; any
+    problem with it is theirs (exit 2), its message led by ``option``."""
+    lead = f"{option}: " if option else ""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise BuildUsageError(f"--trust-update: {path}: cannot read: {e.strerror}") from e
+        raise BuildUsageError(f"{lead}{path}: cannot read: {e.strerror}") from e
     except UnicodeDecodeError as e:
-        raise BuildUsageError(f"--trust-update: {path}: not UTF-8 text") from e
+        raise BuildUsageError(f"{lead}{path}: not UTF-8 text") from e
     try:
-        signers = AllowedSigners.from_text(text, str(path))
+        return text, AllowedSigners.from_text(text, str(path))
     except ApplierError as e:
-        raise BuildUsageError(f"--trust-update: {e}") from e
+        raise BuildUsageError(f"{lead}{e}") from e
+
+
+def load_trust_update(path: Path, threshold: int, reset_sequence: bool) -> TrustUpdate:
+    """A rotation from an allowed_signers file, checked as a host would parse it."""
+    text, signers = _read_signers(path, "--trust-update")
     keys = len({e.key.blob for e in signers.entries})
     if keys < threshold:
         raise BuildUsageError(f"--trust-update: {path} has {keys} key(s), fewer than "
@@ -339,16 +346,7 @@ class _ParseBeside:
 def verify_bundle(path: Path, allowed_signers: Path, threshold: int = 1,
                   now: int | None = None) -> VerifiedManifest:
     """What a host checks about the bundle itself (no host policy)."""
-    try:
-        text = allowed_signers.read_text(encoding="utf-8")
-    except OSError as e:
-        raise BuildUsageError(f"{allowed_signers}: cannot read: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise BuildUsageError(f"{allowed_signers}: not UTF-8 text") from e
-    try:
-        signers = AllowedSigners.from_text(text, str(allowed_signers))
-    except ApplierError as e:
-        raise BuildUsageError(str(e)) from e
+    _, signers = _read_signers(allowed_signers)
     trust = TrustPolicy(signers, threshold)
     return read_bundle(path, trust, int(time.time()) if now is None else now).verified
 
