@@ -52,6 +52,13 @@ def text_of(result: Fleet, host: str, path: str) -> str:
     return content.data.decode()
 
 
+def add_file(fleet: FleetRepo, src: str, text: str, dest: str, extra: str = "") -> None:
+    """Write ``src`` and list it first in gitops.yaml's files, to ``dest``."""
+    fleet.write(src, text)
+    fleet.replace("gitops.yaml", "files:\n", f"files:\n  - src: {src}\n    dest: {dest}\n{extra}")
+    fleet.commit()
+
+
 def line_in(fleet: FleetRepo, rel: str, needle: str) -> int:
     for number, line in enumerate(fleet.read(rel).splitlines(), 1):
         if needle in line:
@@ -475,10 +482,8 @@ def test_a_hint_found_before_a_failure_is_not_lost_with_it(
     """vars/frodo.yml (not .yaml) matches no host, which is why 'greeting' is
     undefined: the hint must reach the operator along with the error."""
     fleet.write("vars/frodo.yml", "greeting: hello\n")
-    fleet.write("templates/greet.j2", "{{ greeting }}\n")
-    fleet.replace("gitops.yaml", "files:\n", "files:\n  - src: templates/greet.j2\n"
-                  "    dest: /etc/greeting\n    hosts: [frodo]\n")
-    fleet.commit()
+    add_file(fleet, "templates/greet.j2", "{{ greeting }}\n", "/etc/greeting",
+             "    hosts: [frodo]\n")
     with pytest.raises(TemplateRenderError, match="'greeting' is undefined"):
         render(fleet)
     assert "vars/frodo.yml: matches no host or group (did you mean 'vars/frodo.yaml'?)" \
@@ -486,10 +491,7 @@ def test_a_hint_found_before_a_failure_is_not_lost_with_it(
 
 
 def test_a_template_that_renders_a_lone_surrogate_is_a_render_error(fleet: FleetRepo) -> None:
-    fleet.write("templates/s.j2", "a {{ '\\udcff' }}\n")
-    fleet.replace("gitops.yaml", "files:\n", "files:\n  - src: templates/s.j2\n"
-                  "    dest: /etc/s\n")
-    fleet.commit()
+    add_file(fleet, "templates/s.j2", "a {{ '\\udcff' }}\n", "/etc/s")
     with pytest.raises(TemplateRenderError, match=r"^templates/s\.j2: renders text that is "
                        r"not valid Unicode \(U\+DCFF at character 2; host \w+\)$"):
         render(fleet)
@@ -528,10 +530,7 @@ def test_a_command_the_host_cannot_split_fails_the_build(fleet: FleetRepo, run: 
 
 
 def test_the_quote_filter_takes_numbers(fleet: FleetRepo) -> None:
-    fleet.write("templates/q.j2", "{{ 8080 | quote }} {{ 'a b' | quote }}\n")
-    fleet.replace("gitops.yaml", "files:\n", "files:\n  - src: templates/q.j2\n"
-                  "    dest: /etc/q\n")
-    fleet.commit()
+    add_file(fleet, "templates/q.j2", "{{ 8080 | quote }} {{ 'a b' | quote }}\n", "/etc/q")
     assert text_of(render(fleet), "camelot", "/etc/q") == "8080 'a b'\n"
 
 
