@@ -186,8 +186,13 @@ class Watcher:
         seen = self._seen()
         seen[key] = {**outcome.to_dict(), "time": int(time.time())}
         if len(seen) > MAX_SEEN:
-            oldest = sorted(seen, key=lambda k: seen[k].get("time", 0))
-            for k in oldest[:len(seen) - MAX_SEEN]:
+            # Only files no longer there are forgotten (oldest first): forgetting one
+            # that is would have it verified and recorded again at every poll. The
+            # ledger is then as large as the inboxes hold, never more than MAX_SEEN
+            # beyond that.
+            gone = sorted((k for k in seen if not _exists(Path(k.rsplit("|", 2)[0]))),
+                          key=lambda k: seen[k].get("time", 0))
+            for k in gone[:len(seen) - MAX_SEEN]:
                 del seen[k]
         self._ledger_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _fs.atomic_write(self._ledger_path,

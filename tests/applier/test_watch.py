@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from applier import watch as watch_module
 from applier.apply import Host
 from applier.watch import Outcome, Watcher
 
@@ -264,3 +265,26 @@ def test_a_long_running_watch_reads_config_changes(
     assert o.result == "rejected", o
     assert "2 required" in o.reason
     assert motd(root) == b"motd 1\n"
+
+
+def test_the_ledger_forgets_only_files_that_are_gone(
+        root: Path, inbox: Path, tmp_path: Path, signing_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """More bundle files than the ledger keeps: forgetting one still on the stick would
+    have it verified and recorded again at every poll."""
+    monkeypatch.setattr(watch_module, "MAX_SEEN", 3)
+    for seq in range(1, 6):
+        (inbox / f"b{seq}.tar").write_bytes(bundle(tmp_path, signing_key, seq).read_bytes())
+    watcher = Watcher(Host(root), [inbox], settle=0.0)
+    assert len(watcher.poll()) == 5
+    assert watcher.poll() == []
+    for seq in range(1, 5):
+        (inbox / f"b{seq}.tar").unlink()
+    (inbox / "b6.tar").write_bytes(bundle(tmp_path, signing_key, 6).read_bytes())
+    [o] = watcher.poll()
+    assert o.result == "applied"
+    seen = json.loads((root / "var/lib/gitops-apply/watch/seen.json").read_bytes())
+    names = {Path(k.split("|")[0]).name for k in seen}
+    assert {"b5.tar", "b6.tar"} <= names  # still on the stick: never forgotten
+    assert len(names) == 3  # gone ones dropped down to MAX_SEEN
+    assert watcher.poll() == []
