@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from applier import _log
 from applier.apply import Host, Report, describe_signer, init_host
 from applier.bundle import reporting_progress
+from applier.config import HOST_NAME
 from applier.errors import ApplierError, ExitCode, HostConfigError
 from applier.verify import VerifiedManifest
 
@@ -149,6 +150,27 @@ def _at_least(low: float) -> Callable[[str], float]:
     return convert
 
 
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def convert(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is not in {low}..{high}")
+        return number
+
+    convert.__name__ = "number"
+    return convert
+
+
+def _host_name(value: str) -> str:
+    if not HOST_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a host name (letters, digits, '.', '_', '-'; up to 63)")
+    return value
+
+
 def _top_parser() -> _Parser:
     """The options every command takes, then COMMAND and whatever follows it."""
     listing = "\n".join(f"  {name:<9} {text.split(chr(10) * 2, 1)[0]}"
@@ -198,13 +220,13 @@ def _metrics(c: _Parser) -> None:
 
 
 def _init_options(c: _Parser) -> None:
-    c.add_argument("--host", dest="host_name", required=True, metavar="NAME",
+    c.add_argument("--host", dest="host_name", required=True, metavar="NAME", type=_host_name,
                    help="this host's name in the bundles")
     c.add_argument("--allowed-signers", required=True, type=_FILE, metavar="FILE",
                    help="OpenSSH allowed_signers file of the keys this host trusts")
-    c.add_argument("--threshold", type=int, default=1,
+    c.add_argument("--threshold", type=_int_in(1, 100), default=1,
                    help="how many distinct trusted keys must sign a bundle (default: 1)")
-    c.add_argument("--retain", type=int, default=5,
+    c.add_argument("--retain", type=_int_in(1, 1000), default=5,
                    help="how many applied bundles to keep for rollback (default: 5)")
     c.add_argument("--force", action="store_true", help="overwrite an existing configuration")
 

@@ -24,7 +24,7 @@ DEFAULT_PREFIXES: tuple[str, ...] = ("/etc", "/opt", "/usr/local", "/srv", "/var
 # The tool's own config and state: no bundle may write there, whatever the prefixes say.
 PROTECTED: tuple[str, ...] = ("/etc/gitops-apply", "/var/lib/gitops-apply")
 _MERGE = "tag:yaml.org,2002:merge"
-_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # The parse cache (HostConfig.load_cached) is valid for one release's meaning of the keys.
 # /2: duplicate keys refused, allowed_signers a file name (a config the previous
 # release parsed with the last of two 'threshold:' keys winning is parsed again).
@@ -51,7 +51,7 @@ class HostConfig:
     trust_sequence: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not _HOST.fullmatch(self.host):
+        if not isinstance(self.host, str) or not HOST_NAME.fullmatch(self.host):
             raise HostConfigError(f"config: host {self.host!r} is not a valid host name")
         for name, value, low, high in (("retain", self.retain, 1, 1000),
                                        ("threshold", self.threshold, 1, 100),

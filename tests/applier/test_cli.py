@@ -44,8 +44,15 @@ def bundle(tmp_path: Path, signing_key: KeyPair) -> Path:
     (("drift", "--fix", "--history"), "--fix, --history and --restore are exclusive"),
     (("drift", "--path", "/etc/motd"), "--to and --path go with --restore"),
     (("verify", "ROOT"), "is a directory"),
+    (("init", "--host", "web 01", "--allowed-signers", "BUNDLE"),
+     "argument --host: 'web 01' is not a host name"),
+    (("init", "--host", "web01", "--allowed-signers", "BUNDLE", "--retain", "0"),
+     "argument --retain: 0 is not in 1..1000"),
+    (("init", "--host", "web01", "--allowed-signers", "BUNDLE", "--threshold", "two"),
+     "argument --threshold: 'two' is not a whole number"),
 ], ids=["no-command", "unknown-command", "missing-bundle", "abbreviation", "global-after",
-        "bad-number", "below-range", "exclusive", "restore-only", "directory-as-bundle"])
+        "bad-number", "below-range", "exclusive", "restore-only", "directory-as-bundle",
+        "init-host-name", "init-retain", "init-threshold"])
 def test_a_usage_error_is_one_line_and_exit_2_and_changes_nothing(
         root: Path, bundle: Path, capsys: pytest.CaptureFixture[str],
         args: tuple[str, ...], says: str) -> None:
