@@ -330,19 +330,27 @@ class Host:
         current = self.state.current()
         if current.bundle_id is None:
             return
-        retained = self.state.get_retained(current.bundle_id)
-        now = self.now(current)
         # Its signatures are checked again, against the trust still in force (the old
-        # keys signed it, or it would not have been applied), then the rotation's.
-        verified = verify_manifest(retained.manifest_bytes, retained.signature_bytes,
-                                   self.trust(), now, self.config.host)
-        rotation = check_rotation(verified, trust_store.load_root(self.layout, self.config),
-                                  now)
-        if rotation is not None:
-            logger.warning("adopting the key rotation of bundle %s, interrupted after it "
-                           "was applied", current.bundle_id)
-            self._config = trust_store.adopt(self.layout, self.config, self.state, rotation)
-            self._config_digest = None
+        # keys signed it, or it would not have been applied), then the rotation's, as
+        # of when it was applied: a rotation is often made because an old key is about
+        # to expire, and the host may only come back after it has.
+        when = current.applied_at
+        try:
+            retained = self.state.get_retained(current.bundle_id)
+            verified = verify_manifest(retained.manifest_bytes, retained.signature_bytes,
+                                       self.trust(), when, self.config.host)
+            rotation = check_rotation(
+                verified, trust_store.load_root(self.layout, self.config), when)
+            if rotation is not None:
+                logger.warning("adopting the key rotation of bundle %s, interrupted after "
+                               "it was applied", current.bundle_id)
+                self._config = trust_store.adopt(self.layout, self.config, self.state,
+                                                 rotation)
+                self._config_digest = None
+        except ApplierError as e:
+            # Never a reason to refuse every command from now on: say it, every time.
+            logger.error("cannot adopt the key rotation of the current bundle %s: %s",  # noqa: TRY400
+                         current.bundle_id, e)
 
     def _content(self, staging: Path | None) -> Callable[[str], Path]:
         def content(sha: str) -> Path:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -21,9 +22,10 @@ import pytest
 import yaml
 from hostile import Outcome, frozen_host, run_apply
 
+from applier import trust_store
 from applier.apply import Host, init_host
 from applier.config import HostConfig
-from applier.errors import ExitCode
+from applier.errors import ExitCode, HostIOError, SignatureError
 from applier.manifest import TrustUpdate
 from applier.paths import HostLayout
 from applier.watch import Watcher
@@ -408,3 +410,79 @@ def test_a_rotation_on_the_stick_with_a_newer_bundle_is_adopted_first(
     [o] = Watcher(Host(host), [inbox], settle=0.0).run(0.05, once=True)
     assert o.result == "rejected"
     assert motd(host) == b"motd 3\n"
+
+
+def test_an_unfinished_adoption_is_finished_after_the_old_key_expired(
+        tmp_path: Path, keys: dict[str, KeyPair], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rotations are made because an old key is about to expire. The adoption is
+    interrupted (here: the disk is full), and the host comes back after the old key's
+    valid-before: the retained bundle is checked as of when it was applied, the new
+    trust adopted, and no command is refused for it."""
+    alice, bob = keys["alice"], keys["bob"]
+    root = tmp_path / "frodo"
+    expiry = time.strftime("%Y%m%d%H%M%SZ", time.gmtime(NOW + 2 * 86400))
+    trusted = tmp_path / "trusted"
+    trusted.write_text(f'alice valid-before="{expiry}" {alice.public_line}\n')
+    init_host(root, "frodo", trusted)
+    clock = [float(NOW)]
+    Host(root, clock=lambda: clock[0]).apply(write_bundle(tmp_path / "b1.tar", spec(1), alice))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise HostIOError("cannot write allowed_signers.2: no space left on device")
+
+    adopt = trust_store.adopt
+    monkeypatch.setattr(trust_store, "adopt", disk_full)
+    with pytest.raises(HostIOError):
+        Host(root, clock=lambda: clock[0]).apply(write_bundle(
+            tmp_path / "b2.tar", spec(2), alice, bob,
+            trust=TrustUpdate(signers_text(bob), threshold=1)))
+    monkeypatch.setattr(trust_store, "adopt", adopt)
+    clock[0] = NOW + 3 * 86400  # alice's key has expired since
+    host = Host(root, clock=lambda: clock[0])
+    assert host.status()["current"]["sequence"] == 2
+    assert config(root)["trust_sequence"] == 2
+    host.apply(write_bundle(tmp_path / "b3.tar", spec(3), bob))
+    assert motd(root) == b"motd 3\n"
+
+
+def test_chained_rotations_on_the_stick_are_adopted_in_turn(
+        host: Path, tmp_path: Path, keys: dict[str, KeyPair]) -> None:
+    """alice -> bob (sequence 2), then bob -> carol (3, signed by bob and carol, which
+    the trust of the start of the poll refuses), and 4 co-signed by bob and carol:
+    both rotations are adopted, and bob, revoked by the second, signs nothing more."""
+    alice, bob, carol = keys["alice"], keys["bob"], keys["carol"]
+    init(host, tmp_path, alice)
+    Host(host).apply(write_bundle(tmp_path / "b1.tar", spec(1), alice))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    write_bundle(inbox / "b2.tar", spec(2), alice, bob,
+                 trust=TrustUpdate(signers_text(bob), threshold=1))
+    write_bundle(inbox / "b3.tar", spec(3), bob, carol,
+                 trust=TrustUpdate(signers_text(carol), threshold=1))
+    write_bundle(inbox / "b4.tar", spec(4), bob, carol)
+    outcomes = {o.path.name: o.result for o in
+                Watcher(Host(host), [inbox], settle=0.0).run(0.05, once=True)}
+    assert outcomes == {"b2.tar": "applied", "b3.tar": "applied", "b4.tar": "applied"}
+    assert config(host)["trust_sequence"] == 3
+    assert motd(host) == b"motd 4\n"
+    with pytest.raises(SignatureError):
+        Host(host).apply(write_bundle(tmp_path / "b5.tar", spec(5), bob))
+
+
+def test_watch_applies_a_rotation_that_resets_the_sequence(
+        host: Path, tmp_path: Path, keys: dict[str, KeyPair]) -> None:
+    """A leaked key pushed the sequence to 10**9; the recovery rotation carries a lower
+    one and resets it. The watcher must not skip it as 'not above' the sequence it
+    exists to reset."""
+    alice, bob = keys["alice"], keys["bob"]
+    init(host, tmp_path, alice)
+    Host(host).apply(write_bundle(tmp_path / "b1.tar", spec(1), alice))
+    Host(host).apply(write_bundle(tmp_path / "evil.tar", spec(10**9), alice))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    write_bundle(inbox / "r2.tar", spec(2), alice, bob,
+                 trust=TrustUpdate(signers_text(bob), threshold=1, reset_sequence=True))
+    [o] = Watcher(Host(host), [inbox], settle=0.0).run(0.05, once=True)
+    assert o.result == "applied", o
+    assert config(host)["trust_sequence"] == 2
+    assert motd(host) == b"motd 2\n"
