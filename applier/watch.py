@@ -95,6 +95,17 @@ def _key(path: Path, size: int, mtime_ns: int) -> str:
     return f"{path.resolve()}|{size}|{mtime_ns}"
 
 
+def _stale(key: str) -> bool:
+    """Whether a ledger key no longer describes a file in the inbox: gone, or replaced
+    (a stick that reuses one name keeps only the entry of its current version)."""
+    path, size, mtime_ns = key.rsplit("|", 2)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    return (str(st.st_size), str(st.st_mtime_ns)) != (size, mtime_ns)
+
+
 def _exists(path: Path) -> bool:
     """``path.exists()`` that takes a name too long (or any error) for absence."""
     try:
@@ -152,6 +163,7 @@ class _Candidate:
     st: os.stat_result
     digest: str
     rotates: bool  # carries a key rotation the host has not adopted
+    resets: bool = False  # ... which resets the sequence (a leaked key's recovery)
 
 
 @dataclass
@@ -190,8 +202,7 @@ class Watcher:
             # that is would have it verified and recorded again at every poll. The
             # ledger is then as large as the inboxes hold, never more than MAX_SEEN
             # beyond that.
-            gone = sorted((k for k in seen if not _exists(Path(k.rsplit("|", 2)[0]))),
-                          key=lambda k: seen[k].get("time", 0))
+            gone = sorted((k for k in seen if _stale(k)), key=lambda k: seen[k].get("time", 0))
             for k in gone[:len(seen) - MAX_SEEN]:
                 del seen[k]
         self._ledger_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -259,20 +270,7 @@ class Watcher:
         refused: list[tuple[Path, os.stat_result, Exception]] = []
         candidates = self._candidates(self.ready(), refused)
         done: set[Path] = set()
-        rotated = False
-        for c in sorted((c for c in candidates if c.rotates), key=lambda c: (c.seq, c.mtime)):
-            if self.stop.is_set():
-                break
-            if c.seq <= self.host.state.current().highest_sequence:
-                continue  # the newest-first pass below says why it is skipped
-            done.add(c.path)
-            outcome = self._apply(c)
-            outcomes.append(outcome)
-            rotated = rotated or outcome.result == "applied"
-        if rotated and refused:
-            self.host.reload_config()
-            again, refused = refused, []
-            candidates += self._candidates([(path, st) for path, st, _ in again], refused)
+        candidates, refused = self._rotations_first(candidates, refused, done, outcomes)
         outcomes += [self._failure(path, st, e) for path, st, e in refused]
         current = self.host.state.current()
         winner: str | None = None
@@ -280,6 +278,10 @@ class Watcher:
             if self.stop.is_set():
                 break
             if c.path in done:
+                continue
+            if c.resets:
+                # Not adopted above (its apply was tried and failed, or we stop): never
+                # recorded as 'not above' the sequence it exists to reset.
                 continue
             if c.digest == current.manifest_sha256:
                 outcomes.append(self._done(c.path, c.st, "skipped", "already applied"))
@@ -300,6 +302,39 @@ class Watcher:
             except Exception:
                 logger.exception("after-cycle hook failed")
         return outcomes
+
+    def _rotations_first(self, candidates: list[_Candidate],
+                         refused: list[tuple[Path, os.stat_result, Exception]],
+                         done: set[Path], outcomes: list[Outcome],
+                         ) -> tuple[list[_Candidate], list[tuple[Path, os.stat_result,
+                                                                 Exception]]]:
+        """Apply key rotations one at a time, oldest first: once one is in, everything
+        not yet dealt with is peeked at again under the new trust (a second rotation
+        may be signed by the first one's keys), until none is left to adopt. Returns
+        the candidates and refusals as the trust now in force sees them."""
+        while not self.stop.is_set():
+            highest = self.host.state.current().highest_sequence
+            rotations = sorted((c for c in candidates if c.rotates and c.path not in done
+                                and (c.seq > highest or c.resets)),
+                               key=lambda c: (c.seq, c.mtime))
+            adopted = False
+            for c in rotations:
+                if self.stop.is_set():
+                    break
+                done.add(c.path)
+                outcome = self._apply(c)
+                outcomes.append(outcome)
+                if outcome.result == "applied":
+                    adopted = True
+                    break
+            if not adopted:
+                break
+            self.host.reload_config()
+            again = [(c.path, c.st) for c in candidates if c.path not in done]
+            again += [(path, st) for path, st, _ in refused]
+            refused = []
+            candidates = self._candidates(again, refused)
+        return candidates, refused
 
     def _candidates(self, ready: list[tuple[Path, os.stat_result]],
                     refused: list[tuple[Path, os.stat_result, Exception]]) -> list[_Candidate]:
@@ -335,7 +370,7 @@ class Watcher:
                    and (m.trust.allowed_signers, m.trust.threshold)
                    != (root.allowed_signers, root.threshold))
         return _Candidate(m.sequence, st.st_mtime_ns, path, st, verified.manifest_sha256,
-                          rotates)
+                          rotates, rotates and m.trust is not None and m.trust.reset_sequence)
 
     def _failure(self, path: Path, st: os.stat_result, e: Exception) -> Outcome:
         """``_settle_failure``, which never raises: a file whose name is too long, not

@@ -288,3 +288,18 @@ def test_the_ledger_forgets_only_files_that_are_gone(
     assert {"b5.tar", "b6.tar"} <= names  # still on the stick: never forgotten
     assert len(names) == 3  # gone ones dropped down to MAX_SEEN
     assert watcher.poll() == []
+
+
+def test_the_ledger_keeps_one_entry_for_a_name_the_stick_reuses(
+        root: Path, inbox: Path, tmp_path: Path, signing_key: KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch_module, "MAX_SEEN", 3)
+    watcher = Watcher(Host(root), [inbox], settle=0.0)
+    for seq in range(1, 7):
+        latest = inbox / "latest.tar"
+        latest.write_bytes(bundle(tmp_path, signing_key, seq).read_bytes())
+        os.utime(latest, ns=(seq * 10**9, seq * 10**9))
+        [o] = watcher.poll()
+        assert o.result == "applied"
+    seen = json.loads((root / "var/lib/gitops-apply/watch/seen.json").read_bytes())
+    assert len(seen) <= 3
