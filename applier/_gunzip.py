@@ -30,7 +30,9 @@ IN_CHUNK = 256 << 10
 OUT_CHUNK = 256 << 10
 AHEAD = 8
 MAX_EMPTY_MEMBERS = 64  # members allowed beyond one per MIN_MEMBER_OUTPUT inflated
-MIN_MEMBER_OUTPUT = 32 << 10
+# A member per tar entry (a streaming writer's flush per file) inflates to at least
+# a 512-byte header and 512 bytes of data; a flood of one-byte members does not.
+MIN_MEMBER_OUTPUT = 512
 _GZIP = 16 + zlib.MAX_WBITS  # zlib parses the gzip header and checks the trailer
 
 _ZLIB_WORDS = {
@@ -66,7 +68,7 @@ def inflate(raw: BinaryIO) -> Iterator[bytes]:
                     # Each member costs a decompressor and a loop, and a tiny one yields
                     # (nearly) nothing, so no byte budget stops a file of them: it would
                     # hold the host lock for as long as it lasts. The builder writes a
-                    # member per MiB of tar; bgzip-style tools one per 64 KiB.
+                    # member per MiB of tar; other writers one per file at most.
                     raise zlib.error(f"more gzip members ({members}) than {produced} "
                                      "inflated bytes justify")
             try:

@@ -68,6 +68,9 @@ def test_a_stream_of_tiny_members_is_refused_early(tiny: bytes) -> None:
     assert read_all(few) == tiny * (_gunzip.MAX_EMPTY_MEMBERS - 1) + b"data"
     blocks = [os.urandom(_gunzip.MIN_MEMBER_OUTPUT) for _ in range(200)]
     assert read_all(_members(*blocks)) == b"".join(blocks)
+    # A streaming writer that flushes a member per tar entry (a header and a block).
+    entries = [bytes(512) + b"x" * 512 for _ in range(2000)]
+    assert read_all(_members(*entries)) == b"".join(entries)
     stream = _members(b"head") + _members(tiny) * 1_000_000  # 20 MB
     counter = [0]
     raw = CountingReader(io.BytesIO(stream), counter)
