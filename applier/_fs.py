@@ -63,13 +63,17 @@ def io_error(e: OSError, what: str) -> HostIOError:
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644,
-                 fault: str = "atomic-write") -> None:
-    """Replace ``path`` with ``data`` so a crash leaves either the old or the new bytes."""
+                 fault: str = "atomic-write", dir_fd: int | None = None) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves either the old or the new bytes.
+
+    With ``dir_fd``, ``path`` is a name in that open directory (which a caller opened
+    without following a symlink), and every step goes through it.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{random_hex(6)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode)
+                     mode, dir_fd=dir_fd)
         try:
             view = memoryview(data)
             while view:
@@ -79,13 +83,16 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644,
         finally:
             os.close(fd)
         _faults.point(f"{fault}:written")
-        os.replace(tmp, path)
+        os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         _faults.point(f"{fault}:renamed")
-        fsync_dir(path.parent)
+        if dir_fd is None:
+            fsync_dir(path.parent)
+        else:
+            os.fsync(dir_fd)
         _faults.point(f"{fault}:synced")
     except OSError as e:
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            os.unlink(tmp, dir_fd=dir_fd)
         raise io_error(e, f"cannot write {path}") from e
 
 

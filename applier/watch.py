@@ -135,24 +135,6 @@ def _reason_name(name: str) -> str:
     return f"{shown[:100]}-{digest}.reason"
 
 
-def _write_at(dir_fd: int, name: str, data: bytes) -> None:
-    """Write ``name`` in the directory ``dir_fd`` atomically (temp, fsync, rename)."""
-    tmp = f".{name}.tmp-{_fs.random_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o644, dir_fd=dir_fd)
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
-
-
 @dataclass(frozen=True)
 class _Candidate:
     """A ready bundle whose signature checked out: what the poll orders it by."""
@@ -434,7 +416,7 @@ class Watcher:
             # and the reason and the bundle go into that very directory.
             fd = os.open(aside, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                _write_at(fd, note, text)
+                _fs.atomic_write(note, text, 0o644, dir_fd=fd)
                 os.replace(path, path.name, dst_dir_fd=fd)
                 os.fsync(fd)
             finally:
