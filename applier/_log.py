@@ -55,6 +55,12 @@ def setup(prog: str, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def printable(text: str) -> str:
+    """``text`` safe to write as UTF-8: a file name that is not UTF-8 (bytes Python
+    keeps as lone surrogates) comes out with backslash escapes, never raised on."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_line(prog: str, message: str) -> str:
     """The one line a failed command prints."""
     text = " ".join(message.split())

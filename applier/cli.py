@@ -44,7 +44,7 @@ _METRICS_HELP = ("write a Prometheus node_exporter textfile here afterwards (def
 def _echo(text: str = "") -> None:
     """One line of program output (stdout), written at once, as a pipe reader expects.
     A file name that is not UTF-8 (kept by Python as surrogates) is backslash-escaped."""
-    sys.stdout.write(text.encode("utf-8", "backslashreplace").decode("utf-8") + "\n")
+    sys.stdout.write(_log.printable(text) + "\n")
     sys.stdout.flush()
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from applier import _fs, trust_store
+from applier import _fs, _log, trust_store
 from applier.bundle import BundleFile
 from applier.errors import (
     ApplierError,
@@ -116,13 +116,12 @@ def _exists(path: Path) -> bool:
 
 
 def _shown(path: Path | str) -> str:
-    """A path as text for a log or a reason: a name that is not UTF-8 (bytes Python
-    keeps as surrogates) is written with backslash escapes, never raised on."""
-    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    """A path as text for a log or a reason (``_log.printable``)."""
+    return _log.printable(str(path))
 
 
 def _utf8(text: str) -> bytes:
-    return text.encode("utf-8", "backslashreplace")
+    return _log.printable(text).encode("utf-8")
 
 
 def _reason_name(name: str) -> str:
