@@ -211,7 +211,7 @@ class Host:
 
         A journal whose lock is held belongs to a live apply, not a dead one: skip it.
         """
-        if not pending(self.layout) and not self._trust_unadopted():
+        if not pending(self.layout) and self._trust_unadopted() is None:
             return None
         try:
             with locked(self.layout, 0.0):
@@ -317,18 +317,19 @@ class Host:
         self._config = None
         self._config_digest = None
 
-    def _trust_unadopted(self) -> bool:
+    def _trust_unadopted(self) -> Current | None:
+        """The current state if its bundle's key rotation is still to be adopted."""
         current = self.state.current()
-        return (current.trust_pending and current.bundle_id is not None
-                and self.config.trust_sequence < current.sequence)
+        if (current.trust_pending and current.bundle_id is not None
+                and self.config.trust_sequence < current.sequence):
+            return current
+        return None
 
     def finish_trust(self) -> None:
         """Adopt the key rotation of the current bundle if a crash came between its
         commit and the adoption (a revocation must not be lost). Under the lock."""
-        if not self._trust_unadopted():
-            return
-        current = self.state.current()
-        if current.bundle_id is None:
+        current = self._trust_unadopted()
+        if current is None or current.bundle_id is None:
             return
         # Its signatures are checked again, against the trust still in force (the old
         # keys signed it, or it would not have been applied), then the rotation's, as
