@@ -385,6 +385,21 @@ def test_a_crash_between_commit_and_adoption_never_loses_a_revocation(
     assert motd(root) == b"motd 2\n"
 
 
+def _trusting_alice_with_an_inbox(root: Path, tmp_path: Path, alice: KeyPair) -> Path:
+    """A host that trusts alice and applied her bundle 1; the empty inbox of its stick."""
+    init(root, tmp_path, alice)
+    Host(root).apply(write_bundle(tmp_path / "b1.tar", spec(1), alice))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    return inbox
+
+
+def _watch_once(root: Path, inbox: Path) -> dict[str, str]:
+    """``watch --once`` over the inbox: each bundle's name and what became of it."""
+    return {o.path.name: o.result for o in
+            Watcher(Host(root), [inbox], settle=0.0).run(0.05, once=True)}
+
+
 @pytest.mark.parametrize("newer_signed_by", ["old-and-new", "new-only"])
 def test_a_rotation_on_the_stick_with_a_newer_bundle_is_adopted_first(
         host: Path, tmp_path: Path, keys: dict[str, KeyPair], newer_signed_by: str) -> None:
@@ -392,16 +407,12 @@ def test_a_rotation_on_the_stick_with_a_newer_bundle_is_adopted_first(
     would skip the rotation as superseded (a co-signed 3 applies under the old trust:
     the revocation is lost), or reject 3 before the rotation made its signer trusted."""
     alice, bob = keys["alice"], keys["bob"]
-    init(host, tmp_path, alice)
-    Host(host).apply(write_bundle(tmp_path / "b1.tar", spec(1), alice))
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    inbox = _trusting_alice_with_an_inbox(host, tmp_path, alice)
     write_bundle(inbox / "b2.tar", spec(2), alice, bob,
                  trust=TrustUpdate(signers_text(bob), threshold=1))
     signers = (alice, bob) if newer_signed_by == "old-and-new" else (bob,)
     write_bundle(inbox / "b3.tar", spec(3), *signers)
-    outcomes = {o.path.name: o.result for o in
-                Watcher(Host(host), [inbox], settle=0.0).run(0.05, once=True)}
+    outcomes = _watch_once(host, inbox)
     assert outcomes == {"b2.tar": "applied", "b3.tar": "applied"}
     assert config(host)["allowed_signers"] == "allowed_signers.2"
     assert motd(host) == b"motd 3\n"
@@ -451,17 +462,13 @@ def test_chained_rotations_on_the_stick_are_adopted_in_turn(
     the trust of the start of the poll refuses), and 4 co-signed by bob and carol:
     both rotations are adopted, and bob, revoked by the second, signs nothing more."""
     alice, bob, carol = keys["alice"], keys["bob"], keys["carol"]
-    init(host, tmp_path, alice)
-    Host(host).apply(write_bundle(tmp_path / "b1.tar", spec(1), alice))
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    inbox = _trusting_alice_with_an_inbox(host, tmp_path, alice)
     write_bundle(inbox / "b2.tar", spec(2), alice, bob,
                  trust=TrustUpdate(signers_text(bob), threshold=1))
     write_bundle(inbox / "b3.tar", spec(3), bob, carol,
                  trust=TrustUpdate(signers_text(carol), threshold=1))
     write_bundle(inbox / "b4.tar", spec(4), bob, carol)
-    outcomes = {o.path.name: o.result for o in
-                Watcher(Host(host), [inbox], settle=0.0).run(0.05, once=True)}
+    outcomes = _watch_once(host, inbox)
     assert outcomes == {"b2.tar": "applied", "b3.tar": "applied", "b4.tar": "applied"}
     assert config(host)["trust_sequence"] == 3
     assert motd(host) == b"motd 4\n"
@@ -475,11 +482,8 @@ def test_watch_applies_a_rotation_that_resets_the_sequence(
     one and resets it. The watcher must not skip it as 'not above' the sequence it
     exists to reset."""
     alice, bob = keys["alice"], keys["bob"]
-    init(host, tmp_path, alice)
-    Host(host).apply(write_bundle(tmp_path / "b1.tar", spec(1), alice))
+    inbox = _trusting_alice_with_an_inbox(host, tmp_path, alice)
     Host(host).apply(write_bundle(tmp_path / "evil.tar", spec(10**9), alice))
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
     write_bundle(inbox / "r2.tar", spec(2), alice, bob,
                  trust=TrustUpdate(signers_text(bob), threshold=1, reset_sequence=True))
     [o] = Watcher(Host(host), [inbox], settle=0.0).run(0.05, once=True)
